@@ -1,0 +1,5 @@
+"""Allow ``python -m balloonctl``."""
+
+from balloonctl.cli import main
+
+raise SystemExit(main())

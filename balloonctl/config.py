@@ -1,0 +1,179 @@
+"""Settings: defaults, the TOML config file and command-line overrides."""
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from balloonctl.units import MIB, SizeError, parse_size
+
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """An invalid setting; the message names the key or flag and the value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the controller can be told. Sizes are KiB, times seconds."""
+
+    uri: str = "qemu:///system"
+    stats_period: int = 5
+    min_unused: int = 100 * MIB
+    max_release: int = 50 * MIB
+    min_release: int = 1 * MIB
+    host_warn: int = 200 * MIB
+    call_timeout: float = 10.0
+    dry_run: bool = False
+    log_format: str = "auto"
+    log_level: str = "info"
+
+
+def _parse_uri(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a libvirt URI such as 'qemu:///system'")
+    return value.strip()
+
+
+def _parse_size(value: object) -> int:
+    if not isinstance(value, str):
+        raise ValueError("expected a string with a unit, such as '100 MiB'")
+    try:
+        return parse_size(value)
+    except SizeError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _parse_period(value: object) -> int:
+    # libvirt's virDomainSetMemoryStatsPeriod takes whole seconds.
+    if isinstance(value, bool):
+        raise ValueError("expected whole seconds, such as 5")
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError("expected whole seconds, such as 5") from None
+    if not isinstance(value, int) or not 1 <= value <= 3600:
+        raise ValueError("expected whole seconds from 1 to 3600")
+    return value
+
+
+def _parse_timeout(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected seconds, such as 10")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError("expected seconds, such as 10") from None
+    if not isinstance(value, int | float) or not (0 < value <= 600):
+        raise ValueError("expected seconds greater than 0 and at most 600")
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number of seconds")
+    return float(value)
+
+
+def _parse_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value.lower()
+
+    return parse
+
+
+_PARSERS: dict[str, Callable[[object], Any]] = {
+    "uri": _parse_uri,
+    "stats_period": _parse_period,
+    "min_unused": _parse_size,
+    "max_release": _parse_size,
+    "min_release": _parse_size,
+    "host_warn": _parse_size,
+    "call_timeout": _parse_timeout,
+    "dry_run": _parse_bool,
+    "log_format": _choice(LOG_FORMATS),
+    "log_level": _choice(LOG_LEVELS),
+}
+
+
+def flag_name(key: str) -> str:
+    """Return the command-line flag that sets config ``key``."""
+    return "--" + key.replace("_", "-")
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file and return its validated values by key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file {str(path)!r}: {exc.strerror}"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from exc
+
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid TOML: {exc}"
+        ) from exc
+
+    return _validate(raw, lambda key: f"config file {str(path)!r}: key {key!r}")
+
+
+def _validate(raw: Mapping[str, object], where: Callable[[str], str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        parser = _PARSERS.get(key)
+        if parser is None:
+            raise ConfigError(
+                f"{where(key)} is unknown; valid keys are {', '.join(_PARSERS)}"
+            )
+        try:
+            values[key] = parser(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where(key)}: invalid value {value!r}: {exc}") from exc
+    return values
+
+
+def build_settings(
+    file_values: Mapping[str, Any], flag_values: Mapping[str, object]
+) -> Settings:
+    """Combine defaults, file values and flags (flags win) into Settings.
+
+    ``flag_values`` holds the raw command-line strings of the flags that were
+    given; flags that were not given must be absent or None.
+    """
+    given = {key: value for key, value in flag_values.items() if value is not None}
+    flags = _validate(given, flag_name)
+    settings = Settings(**{**file_values, **flags})
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if settings.min_unused <= 0:
+        raise ConfigError(
+            f"min_unused must be greater than 0 KiB, got {settings.min_unused} KiB; "
+            "a guest with no free memory left starts killing processes"
+        )
+    if settings.max_release <= 0:
+        raise ConfigError(
+            f"max_release must be greater than 0 KiB, got {settings.max_release} KiB"
+        )
+    if settings.min_release > settings.max_release:
+        raise ConfigError(
+            f"min_release ({settings.min_release} KiB) must not exceed "
+            f"max_release ({settings.max_release} KiB); lower min_release"
+        )
