@@ -1,0 +1,365 @@
+"""The hypervisor seam implemented over libvirt-python.
+
+Every blocking libvirt call runs in a worker thread with a timeout, so a hung
+QEMU monitor delays only the domain it belongs to. ``libvirtError`` is
+translated here, once, into the exceptions of ``balloonctl.errors``.
+"""
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import libvirt
+import libvirtaio
+
+from balloonctl.errors import (
+    CallTimedOut,
+    Disconnected,
+    DomainGone,
+    DomainNotRunning,
+    HypervisorError,
+    Unsupported,
+)
+from balloonctl.hypervisor import (
+    ConnectionLost,
+    DomainInfo,
+    DomainRef,
+    DomainState,
+    EventSink,
+    HostMemory,
+    LifecycleEvent,
+    LifecycleKind,
+    MemoryStats,
+)
+
+T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
+
+_LIFECYCLE_KINDS = {
+    libvirt.VIR_DOMAIN_EVENT_STARTED: LifecycleKind.STARTED,
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: LifecycleKind.RESUMED,
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: LifecycleKind.SUSPENDED,
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: LifecycleKind.SUSPENDED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: LifecycleKind.STOPPED,
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: LifecycleKind.STOPPED,
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: LifecycleKind.STOPPED,
+}
+
+_DOMAIN_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PAUSED,
+}
+
+_CONNECTION_ERRORS = {
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+    libvirt.VIR_ERR_RPC,
+}
+
+
+def register_event_loop() -> None:
+    """Bind libvirt's event loop to the running asyncio loop.
+
+    This must run inside the loop that will dispatch events and before any
+    connection is opened. An implementation bound to another loop would
+    dispatch nothing, and libvirt allows only one per process, so that case
+    is an error rather than a silent loss of events.
+    """
+    loop = asyncio.get_running_loop()
+    current = libvirtaio.getCurrentImpl()
+    if current is None:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        return
+    if current.loop is not loop:
+        raise RuntimeError(
+            "libvirt's event loop is already bound to another asyncio loop; "
+            "libvirt allows one per process, so run balloonctl in that loop"
+        )
+
+
+def silence_libvirt_stderr() -> None:
+    """Send libvirt's error reports to logging instead of stderr.
+
+    By default libvirt prints every error to stderr, even those this module
+    catches and handles. Errors still reach callers as exceptions.
+    """
+
+    def handler(_context: object, error: tuple[Any, ...]) -> None:
+        _log.debug("libvirt error: %s", error[2] if len(error) > 2 else error)
+
+    libvirt.registerErrorHandler(handler, None)
+
+
+def translate(exc: libvirt.libvirtError, what: str) -> HypervisorError:
+    """Map a libvirtError onto the seam's exceptions."""
+    code = exc.get_error_code()
+    message = f"{what} failed: {exc.get_error_message() or exc}"
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return DomainGone(message, code)
+    if code == libvirt.VIR_ERR_OPERATION_INVALID and "not running" in message:
+        return DomainNotRunning(message, code)
+    if code in (libvirt.VIR_ERR_OPERATION_TIMEOUT, libvirt.VIR_ERR_AGENT_UNRESPONSIVE):
+        return CallTimedOut(message, code)
+    if code in _CONNECTION_ERRORS or exc.get_error_domain() == libvirt.VIR_FROM_RPC:
+        return Disconnected(message, code)
+    if code == libvirt.VIR_ERR_NO_SUPPORT:
+        return Unsupported(message, code)
+    return HypervisorError(message, code)
+
+
+def _optional_kib(stats: dict[str, int], key: str) -> int | None:
+    value = stats.get(key)
+    return int(value) if value is not None else None
+
+
+class LibvirtHypervisor:
+    """One libvirt connection behind the ``Hypervisor`` interface."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        call_timeout: float = 10.0,
+        read_only: bool = False,
+        max_workers: int = 8,
+    ) -> None:
+        self._uri = uri
+        self._call_timeout = call_timeout
+        self._read_only = read_only
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="libvirt-call"
+        )
+        self._conn: Any = None
+        self._domains: dict[str, Any] = {}
+        self._in_flight: dict[str, concurrent.futures.Future[Any]] = {}
+        self._callback_ids: list[int] = []
+        self._close_callback_set = False
+        self._driver_type = ""
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    def busy_calls(self) -> int:
+        """Return how many calls are still running in worker threads."""
+        return sum(1 for future in self._in_flight.values() if not future.done())
+
+    async def _call(
+        self,
+        what: str,
+        func: Callable[[], T],
+        key: str = "",
+        limit_s: float | None = None,
+    ) -> T:
+        """Run ``func`` in a worker thread, bounded by the call timeout.
+
+        Calls with the same ``key`` (a domain uuid) never overlap: while an
+        earlier call for that domain is still stuck in its thread, a new one
+        fails at once instead of taking another thread.
+        """
+        previous = self._in_flight.get(key) if key else None
+        if previous is not None and not previous.done():
+            raise CallTimedOut(f"{what} skipped: an earlier call is still running")
+
+        limit = self._call_timeout if limit_s is None else limit_s
+        future = self._pool.submit(func)
+        if key:
+            self._in_flight[key] = future
+        result = asyncio.wrap_future(future)
+        # A call that outlives its timeout still finishes; retrieve its
+        # outcome so that asyncio does not report it as never retrieved.
+        result.add_done_callback(_discard_outcome)
+        try:
+            # asyncio.timeout, unlike wait_for in Python 3.11, never loses a
+            # cancellation that arrives as the call completes.
+            async with asyncio.timeout(limit):
+                return await asyncio.shield(result)
+        except TimeoutError:
+            raise CallTimedOut(f"{what} timed out after {limit:g} s") from None
+        except libvirt.libvirtError as exc:
+            raise translate(exc, what) from exc
+
+    async def connect(self, on_event: EventSink | None) -> None:
+        register_event_loop()
+        silence_libvirt_stderr()
+        self._domains.clear()
+        self._in_flight.clear()
+        opener = libvirt.openReadOnly if self._read_only else libvirt.open
+        self._conn = await self._call("connect", lambda: opener(self._uri))
+        self._driver_type = await self._call("getType", self._conn.getType)
+        await self._enable_keepalive()
+        if on_event is not None:
+            await self._register_events(on_event)
+
+    async def _enable_keepalive(self) -> None:
+        # Keepalive lets a remote or local daemon connection notice a dead
+        # peer; in-process drivers such as test:/// do not support it.
+        with contextlib.suppress(Unsupported):
+            await self._call("setKeepAlive", lambda: self._conn.setKeepAlive(5, 3))
+
+    async def _register_events(self, on_event: EventSink) -> None:
+        def lifecycle(
+            _conn: Any, dom: Any, event: int, detail: int, _opaque: Any
+        ) -> None:
+            ref = DomainRef(uuid=dom.UUIDString(), name=dom.name())
+            self._domains[ref.uuid] = dom
+            kind = _LIFECYCLE_KINDS.get(event, LifecycleKind.OTHER)
+            on_event(LifecycleEvent(ref, kind, event, detail))
+
+        def closed(_conn: Any, reason: int, _opaque: Any) -> None:
+            on_event(ConnectionLost(reason=_close_reason(reason)))
+
+        callback_id = await self._call(
+            "domainEventRegisterAny",
+            lambda: self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
+            ),
+        )
+        self._callback_ids.append(callback_id)
+        await self._call(
+            "registerCloseCallback",
+            lambda: self._conn.registerCloseCallback(closed, None),
+        )
+        self._close_callback_set = True
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        for callback_id in self._callback_ids:
+            await self._quietly(
+                "domainEventDeregisterAny",
+                functools.partial(conn.domainEventDeregisterAny, callback_id),
+            )
+        self._callback_ids.clear()
+        if self._close_callback_set:
+            await self._quietly("unregisterCloseCallback", conn.unregisterCloseCallback)
+            self._close_callback_set = False
+        await self._quietly("close", conn.close)
+        self._domains.clear()
+
+    async def _quietly(self, what: str, func: Callable[[], object]) -> None:
+        # Closing must not hold up a shutdown, even with libvirtd hung.
+        try:
+            await self._call(what, func, limit_s=min(self._call_timeout, 1.0))
+        except HypervisorError as exc:
+            _log.debug("%s during close: %s", what, exc)
+
+    def shutdown_threads(self) -> None:
+        """Stop accepting calls; threads stuck in libvirt are not waited for."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _require_conn(self) -> Any:
+        if self._conn is None:
+            raise Disconnected(f"not connected to {self._uri}")
+        return self._conn
+
+    async def list_active_domains(self) -> list[DomainRef]:
+        conn = self._require_conn()
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        domains = await self._call("listAllDomains", lambda: conn.listAllDomains(flags))
+        refs = []
+        for dom in domains:
+            ref = DomainRef(uuid=dom.UUIDString(), name=dom.name())
+            self._domains[ref.uuid] = dom
+            refs.append(ref)
+        return refs
+
+    async def _domain(self, ref: DomainRef) -> Any:
+        dom = self._domains.get(ref.uuid)
+        if dom is not None:
+            return dom
+        conn = self._require_conn()
+        dom = await self._call(
+            "lookupByUUIDString", lambda: conn.lookupByUUIDString(ref.uuid), ref.uuid
+        )
+        self._domains[ref.uuid] = dom
+        return dom
+
+    def forget(self, ref: DomainRef) -> None:
+        """Drop cached handles for a domain that has gone away."""
+        self._domains.pop(ref.uuid, None)
+        self._in_flight.pop(ref.uuid, None)
+
+    async def domain_info(self, domain: DomainRef) -> DomainInfo:
+        dom = await self._domain(domain)
+        # virDomainGetInfo returns [state, maxMem KiB, memory KiB, vcpus, cpuTime].
+        info = await self._call("info", dom.info, domain.uuid)
+        state = _DOMAIN_STATES.get(info[0], DomainState.OTHER)
+        return DomainInfo(state=state, maximum_kib=int(info[1]))
+
+    async def set_stats_period(self, domain: DomainRef, seconds: int) -> None:
+        dom = await self._domain(domain)
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        await self._call(
+            "setMemoryStatsPeriod",
+            lambda: dom.setMemoryStatsPeriod(seconds, flags),
+            domain.uuid,
+        )
+
+    async def memory_stats(self, domain: DomainRef) -> MemoryStats:
+        dom = await self._domain(domain)
+        stats: dict[str, int] = await self._call(
+            "memoryStats", dom.memoryStats, domain.uuid
+        )
+        last_update = stats.get("last_update")
+        if self._driver_type == "TEST":
+            # libvirt's test driver reports a constant last_update, so its
+            # reports cannot be told apart by time; treat it as not reported.
+            last_update = None
+        return MemoryStats(
+            actual=_optional_kib(stats, "actual"),
+            unused=_optional_kib(stats, "unused"),
+            available=_optional_kib(stats, "available"),
+            usable=_optional_kib(stats, "usable"),
+            last_update=int(last_update) if last_update is not None else None,
+        )
+
+    async def set_target(self, domain: DomainRef, kib: int) -> None:
+        dom = await self._domain(domain)
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        await self._call(
+            "setMemoryFlags", lambda: dom.setMemoryFlags(kib, flags), domain.uuid
+        )
+
+    async def host_memory(self) -> HostMemory:
+        conn = self._require_conn()
+        try:
+            stats = await self._call(
+                "getMemoryStats",
+                lambda: conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS),
+            )
+        except Unsupported:
+            stats = {}
+
+        if "free" not in stats:
+            # virNodeGetFreeMemory returns bytes, unlike everything else here.
+            free_bytes = await self._call("getFreeMemory", conn.getFreeMemory)
+            return HostMemory(int(free_bytes) // 1024, "node_free_memory")
+
+        # virNodeGetMemoryStats reports KiB; on Linux it reads /proc/meminfo.
+        # A missing buffers or cached figure counts as 0, which can only make
+        # the host look lower on memory than it is.
+        available = sum(int(stats.get(key, 0)) for key in ("free", "buffers", "cached"))
+        return HostMemory(available, "node_memory_stats")
+
+
+def _discard_outcome(future: "asyncio.Future[Any]") -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _close_reason(reason: int) -> str:
+    names = {
+        libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
+        libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "eof",
+        libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive",
+        libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "client",
+    }
+    return names.get(reason, f"unknown ({reason})")
