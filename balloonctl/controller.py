@@ -1,0 +1,268 @@
+"""The controller: a live registry of domains driven by lifecycle events.
+
+libvirt callbacks only put events on a queue. The controller's main loop
+takes them off, starts a task for each running domain, pauses and resumes
+those tasks, and forgets stopped domains. When the connection is lost it
+cancels the tasks, reconnects with backoff and reconciles the registry with
+the list of active domains.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+
+import structlog
+
+from balloonctl.config import Settings
+from balloonctl.domain import DomainMemory, DomainWorker
+from balloonctl.errors import HypervisorError
+from balloonctl.hostwatch import HostWatch
+from balloonctl.hypervisor import (
+    ConnectionLost,
+    DomainRef,
+    Hypervisor,
+    HypervisorEvent,
+    LifecycleEvent,
+    LifecycleKind,
+)
+
+RECONNECT_INITIAL_S = 1.0
+RECONNECT_MAX_S = 30.0
+
+
+class ConnectFailed(Exception):
+    """The first connection to the hypervisor could not be opened."""
+
+
+@dataclasses.dataclass
+class _Entry:
+    worker: DomainWorker
+    task: asyncio.Task[None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _DomainGone:
+    domain: DomainRef
+    reason: str
+
+
+_QueueItem = HypervisorEvent | _DomainGone
+
+
+class Controller:
+    """Keep one task per running domain of one hypervisor."""
+
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._hv = hypervisor
+        self._settings = settings
+        self._clock = clock
+        self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
+        self._entries: dict[str, _Entry] = {}
+        self._memory: dict[str, DomainMemory] = {}
+        self._host_task: asyncio.Task[None] | None = None
+        self._connected = False
+        self._log = structlog.stdlib.get_logger("balloonctl").bind(uri=hypervisor.uri)
+
+    @property
+    def domains(self) -> list[DomainRef]:
+        """The domains that currently have a task."""
+        return [entry.worker.domain for entry in self._entries.values()]
+
+    def task_count(self) -> int:
+        return sum(1 for entry in self._entries.values() if not entry.task.done())
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Manage domains until ``stop`` is set.
+
+        Raises ConnectFailed if the first connection cannot be opened; later
+        losses of the connection are retried for as long as it takes.
+        """
+        try:
+            await self._hv.connect(self._enqueue)
+        except HypervisorError as exc:
+            raise ConnectFailed(str(exc)) from exc
+        self._connected = True
+
+        try:
+            await self._reconcile()
+            self._start_host_watch()
+            self._log_started()
+            await self._dispatch_until(stop)
+        finally:
+            await self._shutdown()
+
+    def _log_started(self) -> None:
+        settings = self._settings
+        self._log.info(
+            "controller_started",
+            domains=len(self._entries),
+            stats_period_s=settings.stats_period,
+            min_unused_kib=settings.min_unused,
+            max_release_kib=settings.max_release,
+            min_release_kib=settings.min_release,
+            host_warn_kib=settings.host_warn,
+            dry_run=settings.dry_run,
+        )
+
+    def _enqueue(self, item: _QueueItem) -> None:
+        self._queue.put_nowait(item)
+
+    async def _dispatch_until(self, stop: asyncio.Event) -> None:
+        stop_wait = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                get = asyncio.ensure_future(self._queue.get())
+                await asyncio.wait(
+                    {get, stop_wait}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not get.done():
+                    get.cancel()
+                    break
+                await self._handle(get.result(), stop)
+        finally:
+            stop_wait.cancel()
+
+    async def _handle(self, item: _QueueItem, stop: asyncio.Event) -> None:
+        if isinstance(item, ConnectionLost):
+            await self._reconnect(item.reason, stop)
+        elif isinstance(item, _DomainGone):
+            self._remove(item.domain, item.reason)
+        else:
+            self._on_lifecycle(item)
+
+    def _on_lifecycle(self, event: LifecycleEvent) -> None:
+        domain, kind = event.domain, event.kind
+        if kind in (LifecycleKind.STARTED, LifecycleKind.RESUMED):
+            self._ensure(domain)
+            self._entries[domain.uuid].worker.resume()
+        elif kind is LifecycleKind.SUSPENDED:
+            entry = self._entries.get(domain.uuid)
+            if entry is not None:
+                entry.worker.pause()
+        elif kind is LifecycleKind.STOPPED:
+            self._remove(
+                domain, f"{kind.value} (event {event.event}, detail {event.detail})"
+            )
+
+    def _ensure(self, domain: DomainRef) -> None:
+        if domain.uuid in self._entries:
+            return
+        memory = self._memory.setdefault(domain.uuid, DomainMemory())
+        worker = DomainWorker(
+            self._hv,
+            domain,
+            self._settings,
+            memory,
+            on_gone=lambda ref, why: self._enqueue(_DomainGone(ref, why)),
+            on_disconnected=lambda why: self._enqueue(ConnectionLost(why)),
+            clock=self._clock,
+        )
+        task = asyncio.create_task(worker.run(), name=f"domain {domain.name}")
+        task.add_done_callback(self._task_done)
+        self._entries[domain.uuid] = _Entry(worker, task)
+        self._log.info("domain_added", domain=domain.name, uuid=domain.uuid)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug in a worker must not end the service silently.
+        self._log.error(
+            "domain_task_crashed", task=task.get_name(), exc_info=task.exception()
+        )
+
+    def _remove(self, domain: DomainRef, reason: str) -> None:
+        entry = self._entries.pop(domain.uuid, None)
+        self._memory.pop(domain.uuid, None)
+        self._hv.forget(domain)
+        if entry is None:
+            return
+        entry.task.cancel()
+        self._log.info(
+            "domain_removed", domain=domain.name, uuid=domain.uuid, reason=reason
+        )
+
+    async def _reconcile(self) -> None:
+        """Make the registry match the hypervisor's list of active domains."""
+        active = await self._hv.list_active_domains()
+        active_ids = {ref.uuid for ref in active}
+        for entry in list(self._entries.values()):
+            if entry.worker.domain.uuid not in active_ids:
+                self._remove(entry.worker.domain, "not active after reconnect")
+        for uuid in set(self._memory) - active_ids:
+            del self._memory[uuid]
+        for ref in active:
+            self._ensure(ref)
+
+    def _start_host_watch(self) -> None:
+        watch = HostWatch(
+            self._hv, self._settings.host_warn, self._settings.stats_period, self._clock
+        )
+        self._host_task = asyncio.create_task(watch.run(), name="host watch")
+
+    async def _cancel_tasks(self) -> None:
+        tasks = [entry.task for entry in self._entries.values()]
+        self._entries.clear()
+        if self._host_task is not None:
+            tasks.append(self._host_task)
+            self._host_task = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _reconnect(self, reason: str, stop: asyncio.Event) -> None:
+        if not self._connected:
+            return
+        self._connected = False
+        self._log.warning(
+            "libvirt_disconnected", reason=reason, domains=len(self._entries)
+        )
+        await self._cancel_tasks()
+        await self._hv.close()
+        self._drain_queue()
+
+        delay = RECONNECT_INITIAL_S
+        attempts = 0
+        while not stop.is_set():
+            attempts += 1
+            try:
+                await self._hv.connect(self._enqueue)
+                await self._reconcile()
+            except HypervisorError as exc:
+                self._log.debug(
+                    "libvirt_reconnect_failed", error=str(exc), attempt=attempts
+                )
+                await self._hv.close()
+                await _sleep_or_stop(delay, stop)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            self._connected = True
+            self._start_host_watch()
+            self._log.info(
+                "libvirt_reconnected", attempts=attempts, domains=len(self._entries)
+            )
+            return
+
+    def _drain_queue(self) -> None:
+        # Events queued before the loss refer to the old connection.
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    async def _shutdown(self) -> None:
+        count = len(self._entries)
+        await self._cancel_tasks()
+        await self._hv.close()
+        self._log.info("controller_stopped", domains=count)
+
+
+async def _sleep_or_stop(delay: float, stop: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay):
+            await stop.wait()

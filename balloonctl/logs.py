@@ -1,0 +1,76 @@
+"""structlog set-up: JSON lines for log shippers, readable lines on a terminal.
+
+structlog events and records from the standard ``logging`` module (which
+libvirt-python and libvirtaio use) pass through the same processors and the
+same renderer, so every line has ``timestamp``, ``level`` and ``event``.
+"""
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import Processor
+
+
+def _shared_processors() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+
+
+def choose_format(log_format: str, stream: TextIO) -> str:
+    """Resolve ``auto`` to ``console`` on a terminal and ``json`` elsewhere."""
+    if log_format != "auto":
+        return log_format
+    isatty = getattr(stream, "isatty", None)
+    return "console" if isatty is not None and isatty() else "json"
+
+
+def configure_logging(
+    log_format: str = "auto", level: str = "info", stream: TextIO | None = None
+) -> None:
+    """Route structlog and stdlib logging to ``stream`` (stdout by default)."""
+    output = stream if stream is not None else sys.stdout
+    renderer: Processor
+    if choose_format(log_format, output) == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(output)
+    handler.setFormatter(formatter)
+
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *_shared_processors(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**bound: Any) -> structlog.stdlib.BoundLogger:
+    """Return a structlog logger with ``bound`` fields on every line."""
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger("balloonctl")
+    return logger.bind(**bound)
