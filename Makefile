@@ -1,0 +1,49 @@
+# Every target sets up what it needs: a fresh Debian 12 machine and root are
+# enough for `make demo` and `make test`.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install deps demo test lint typecheck unit e2e guest clean
+
+install: $(STAMP)
+
+deps:
+	scripts/install-deps.sh
+
+$(STAMP): pyproject.toml scripts/install-deps.sh
+	scripts/install-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# About 20 s of the controller against libvirt's built-in test driver, which
+# runs inside the process: no daemon and no root needed.
+demo: install
+	timeout --preserve-status --signal=TERM 20 \
+		$(BIN)/balloonctl run --uri test:///default --stats-period 1 --log-format json
+
+lint: install
+	$(BIN)/ruff format --check balloonctl tests
+	$(BIN)/ruff check balloonctl tests
+
+typecheck: install
+	$(BIN)/mypy
+
+guest: install
+	scripts/build-guest.sh
+
+unit: install
+	$(BIN)/pytest -m "not e2e"
+
+e2e: install guest
+	$(BIN)/pytest -m e2e
+
+test: lint typecheck guest
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,211 @@
+"""Command line: ``balloonctl run`` and ``balloonctl plan``.
+
+Exit codes: 0 success, 1 runtime failure (such as an unreachable URI),
+2 bad usage or configuration.
+"""
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from balloonctl import __version__
+from balloonctl.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    Settings,
+    build_settings,
+    load_file,
+)
+from balloonctl.controller import ConnectFailed, Controller
+from balloonctl.errors import HypervisorError
+from balloonctl.libvirt_adapter import LibvirtHypervisor, silence_libvirt_stderr
+from balloonctl.logs import configure_logging
+from balloonctl.plan import make_plan, render_json, render_table
+from balloonctl.units import format_size
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+_SETTING_FLAGS = (
+    "uri",
+    "stats_period",
+    "min_unused",
+    "max_release",
+    "min_release",
+    "host_warn",
+    "call_timeout",
+    "dry_run",
+    "log_format",
+    "log_level",
+)
+
+
+def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings()
+    parser.add_argument(
+        "--uri", help=f"libvirt connection URI (default {defaults.uri})"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML config file; flags given on the command line override it",
+    )
+    parser.add_argument(
+        "--stats-period",
+        metavar="SECONDS",
+        help="how often guests report memory statistics and are sampled, "
+        f"in whole seconds (default {defaults.stats_period})",
+    )
+    sizes = {
+        "--min-unused": ("unused memory to keep in each guest", defaults.min_unused),
+        "--max-release": ("largest release in one step", defaults.max_release),
+        "--min-release": ("smaller releases are skipped", defaults.min_release),
+        "--host-warn": (
+            "warn when the host's available memory is at or below this",
+            defaults.host_warn,
+        ),
+    }
+    for flag, (text, default) in sizes.items():
+        parser.add_argument(
+            flag,
+            metavar="SIZE",
+            help=f"{text}; a size with a unit: KiB, MiB or GiB "
+            f"(default {format_size(default)})",
+        )
+    parser.add_argument(
+        "--call-timeout",
+        metavar="SECONDS",
+        help="how long one libvirt call may take before it counts as failed "
+        f"(default {defaults.call_timeout:g})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balloonctl",
+        description="Keep each libvirt guest's unused memory near a buffer "
+        "by moving its virtio balloon.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"balloonctl {__version__}"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the controller until SIGTERM or SIGINT")
+    _add_threshold_options(run)
+    run.add_argument(
+        "--dry-run",
+        action="store_const",
+        const=True,
+        help="decide and log, but change nothing on any domain",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="log line format; auto means console on a terminal and JSON "
+        "otherwise (default auto)",
+    )
+    run.add_argument(
+        "--log-level", choices=LOG_LEVELS, help="lowest level logged (default info)"
+    )
+
+    plan = commands.add_parser(
+        "plan", help="show what the controller would do now, changing nothing"
+    )
+    _add_threshold_options(plan)
+    plan.add_argument(
+        "--json", action="store_true", help="print JSON with sizes in KiB"
+    )
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    file_values = load_file(args.config) if args.config is not None else {}
+    flags = {key: getattr(args, key, None) for key in _SETTING_FLAGS}
+    return build_settings(file_values, flags)
+
+
+def _error(message: str) -> None:
+    print(f"balloonctl: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+
+    if args.command == "plan":
+        configure_logging("console", "warning", sys.stderr)
+        silence_libvirt_stderr()
+        return asyncio.run(_plan(settings, args.json))
+
+    configure_logging(settings.log_format, settings.log_level)
+    silence_libvirt_stderr()
+    return _run(settings)
+
+
+def _run(settings: Settings) -> int:
+    hypervisor = LibvirtHypervisor(settings.uri, call_timeout=settings.call_timeout)
+    try:
+        code = asyncio.run(_serve(hypervisor, settings))
+    finally:
+        hypervisor.shutdown_threads()
+
+    if hypervisor.busy_calls():
+        # A thread stuck in libvirt cannot be interrupted, and the interpreter
+        # would wait for it at exit. Balloon targets stay where they are.
+        structlog.stdlib.get_logger("balloonctl").warning(
+            "exit_with_calls_in_flight", calls=hypervisor.busy_calls()
+        )
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+async def _serve(hypervisor: LibvirtHypervisor, settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    controller = Controller(hypervisor, settings)
+    try:
+        await controller.run(stop)
+    except ConnectFailed as exc:
+        structlog.stdlib.get_logger("balloonctl").error(
+            "controller_failed", uri=settings.uri, error=str(exc)
+        )
+        _error(f"cannot connect to {settings.uri!r}: {exc}")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _plan(settings: Settings, as_json: bool) -> int:
+    hypervisor = LibvirtHypervisor(
+        settings.uri, call_timeout=settings.call_timeout, read_only=True
+    )
+    try:
+        await hypervisor.connect(None)
+        rows, host = await make_plan(hypervisor, settings)
+    except HypervisorError as exc:
+        _error(f"cannot read {settings.uri!r}: {exc}")
+        return EXIT_FAILURE
+    finally:
+        await hypervisor.close()
+        hypervisor.shutdown_threads()
+
+    render = render_json if as_json else render_table
+    print(render(rows, host, settings))
+    return EXIT_OK
