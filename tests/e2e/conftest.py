@@ -1,0 +1,60 @@
+"""Fixtures for the end-to-end tests: a libvirtd, the guest image, a connection.
+
+Outside CI the tests skip when harness.skip_reason() finds this machine
+unable to run them. With CI=true the same finding fails the tests, so a CI
+machine that lost its set-up cannot pass by skipping everything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.e2e import harness
+
+if TYPE_CHECKING:
+    import libvirt
+
+
+def require_e2e() -> None:
+    """Skip the calling test, or fail it when CI=true, if e2e tests cannot run here."""
+    reason = harness.skip_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"end-to-end set-up is missing and CI=true: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> harness.GuestImage:
+    require_e2e()
+    return harness.build_guest_image()
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[harness.Libvirtd]:
+    """The session's libvirtd, with domains left by earlier runs destroyed."""
+    require_e2e()
+    with harness.Libvirtd() as daemon:
+        conn = daemon.connect()
+        try:
+            harness.destroy_leftover_domains(conn)
+        finally:
+            conn.close()
+        yield daemon
+
+
+@pytest.fixture(scope="session")
+def libvirt_conn(libvirtd: harness.Libvirtd) -> Iterator[libvirt.virConnect]:
+    """One connection for the whole session.
+
+    It breaks when libvirtd restarts, so a test that calls libvirtd.restart()
+    opens its own connections with libvirtd.connect().
+    """
+    conn = libvirtd.connect()
+    yield conn
+    conn.close()

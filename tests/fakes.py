@@ -1,0 +1,124 @@
+"""An in-memory hypervisor behind the seam, for faults on demand.
+
+libvirt's drivers cannot be told to drop a connection, fail one domain's
+calls or refuse to reconnect at a chosen moment; this fake can. Everything
+else is tested against real libvirt.
+"""
+
+import asyncio
+import dataclasses
+import itertools
+
+from balloonctl.errors import Disconnected, DomainGone, HypervisorError
+from balloonctl.hypervisor import (
+    ConnectionLost,
+    DomainInfo,
+    DomainRef,
+    DomainState,
+    EventSink,
+    HostMemory,
+    LifecycleEvent,
+    LifecycleKind,
+    MemoryStats,
+)
+from balloonctl.units import MIB
+
+
+@dataclasses.dataclass
+class FakeDomain:
+    ref: DomainRef
+    actual: int = 1024 * MIB
+    maximum: int = 2048 * MIB
+    used: int = 300 * MIB
+    state: DomainState = DomainState.RUNNING
+    fail_with: HypervisorError | None = None
+    hang: bool = False
+    targets: list[int] = dataclasses.field(default_factory=list)
+
+
+class FakeHypervisor:
+    def __init__(self, uri: str = "fake:///") -> None:
+        self._uri = uri
+        self.domains: dict[str, FakeDomain] = {}
+        self.host_available = 8192 * MIB
+        self.connected = False
+        self.connects = 0
+        self.refuse_connects = 0
+        self._on_event: EventSink | None = None
+        self._serial = itertools.count()
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    def add(self, name: str, **fields: object) -> FakeDomain:
+        ref = DomainRef(
+            uuid=f"00000000-0000-0000-0000-{next(self._serial):012d}", name=name
+        )
+        domain = FakeDomain(ref, **fields)  # type: ignore[arg-type]
+        self.domains[ref.uuid] = domain
+        return domain
+
+    def emit(self, domain: FakeDomain, kind: LifecycleKind) -> None:
+        assert self._on_event is not None
+        self._on_event(LifecycleEvent(domain.ref, kind, 0, 0))
+
+    def drop_connection(self) -> None:
+        """Behave like libvirtd exiting: calls fail and the close callback fires."""
+        self.connected = False
+        assert self._on_event is not None
+        self._on_event(ConnectionLost("eof"))
+
+    async def connect(self, on_event: EventSink | None) -> None:
+        self.connects += 1
+        if self.refuse_connects > 0:
+            self.refuse_connects -= 1
+            raise Disconnected("connection refused")
+        self._on_event = on_event
+        self.connected = True
+
+    async def close(self) -> None:
+        self.connected = False
+
+    def _check(self) -> None:
+        if not self.connected:
+            raise Disconnected("not connected")
+
+    async def _get(self, ref: DomainRef) -> FakeDomain:
+        self._check()
+        domain = self.domains.get(ref.uuid)
+        if domain is None:
+            raise DomainGone(f"no domain {ref.name}")
+        if domain.hang:
+            await asyncio.Event().wait()
+        if domain.fail_with is not None:
+            raise domain.fail_with
+        return domain
+
+    async def list_active_domains(self) -> list[DomainRef]:
+        self._check()
+        return [d.ref for d in self.domains.values()]
+
+    async def domain_info(self, domain: DomainRef) -> DomainInfo:
+        found = await self._get(domain)
+        return DomainInfo(found.state, found.maximum)
+
+    async def set_stats_period(self, domain: DomainRef, seconds: int) -> None:
+        await self._get(domain)
+
+    async def memory_stats(self, domain: DomainRef) -> MemoryStats:
+        found = await self._get(domain)
+        unused = found.actual - found.used
+        return MemoryStats(found.actual, unused, found.actual, unused, None)
+
+    async def set_target(self, domain: DomainRef, kib: int) -> None:
+        found = await self._get(domain)
+        found.targets.append(kib)
+        found.actual = kib
+
+    async def host_memory(self) -> HostMemory:
+        self._check()
+        return HostMemory(self.host_available, "fake")
+
+    def forget(self, domain: DomainRef) -> None:
+        pass

@@ -1,0 +1,159 @@
+"""The command line, run as a real process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import balloonctl
+
+BALLOONCTL = [sys.executable, "-m", "balloonctl"]
+
+
+def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BALLOONCTL, *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_version_matches_package() -> None:
+    result = run("--version")
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"balloonctl {balloonctl.__version__}"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("balloonctl")
+
+    result = subprocess.run([script, "--help"], capture_output=True, text=True)
+
+    assert result.returncode == 0
+    assert "run" in result.stdout
+    assert "plan" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["run", "--min-unused", "100"], ["--min-unused", "'100'", "unit is required"]),
+        (["run", "--host-warn", "2 GB"], ["--host-warn", "unknown unit 'GB'"]),
+        (["plan", "--stats-period", "fast"], ["--stats-period", "'fast'"]),
+        (["run", "--config", "/nonexistent/balloonctl.toml"], ["/nonexistent"]),
+    ],
+)
+def test_bad_setting_exits_2_naming_it(args: list[str], fragments: list[str]) -> None:
+    result = run(*args)
+
+    assert result.returncode == 2
+    for fragment in fragments:
+        assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_key_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('max_release = "50"\n')
+
+    result = run("run", "--config", str(config))
+
+    assert result.returncode == 2
+    assert "'max_release'" in result.stderr
+    assert str(config) in result.stderr
+
+
+def test_unknown_log_format_exits_2() -> None:
+    result = run("run", "--log-format", "xml")
+
+    assert result.returncode == 2
+    assert "xml" in result.stderr
+
+
+def test_unreachable_uri_exits_1_without_traceback() -> None:
+    uri = "test:///nonexistent/host.xml"
+
+    result = run("run", "--uri", uri)
+
+    assert result.returncode == 1
+    assert uri in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    failed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert failed[-1]["event"] == "controller_failed"
+
+
+def test_plan_table_shows_domain_and_reason() -> None:
+    result = run("plan", "--uri", "test:///default")
+
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.splitlines()[:2]
+    assert header.split()[:5] == ["DOMAIN", "STATE", "ACTUAL", "UNUSED", "MAXIMUM"]
+    assert row.split()[0] == "test"
+    assert "2.00 GiB" in row
+    assert "release" in row
+    assert "unused_above_buffer" in row
+
+
+def test_plan_json_gives_exact_kib() -> None:
+    result = run("plan", "--uri", "test:///default", "--json", "--min-unused", "2 GiB")
+
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    (domain,) = document["domains"]
+    assert domain["domain"] == "test"
+    assert domain["actual_kib"] == 2097152
+    assert domain["unused_kib"] == 1048576
+    assert domain["maximum_kib"] == 8388608
+    assert domain["action"] == "keep"
+    assert domain["reason"] == "unused_within_buffer"
+    assert document["host_memory_source"] == "node_free_memory"
+
+
+def test_sigterm_exits_0_within_2s() -> None:
+    process = subprocess.Popen(
+        [*BALLOONCTL, "run", "--uri", "test:///default", "--stats-period", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if json.loads(line)["event"] == "memory_released":
+                break
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=5)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+    assert process.returncode == 0
+    assert elapsed < 2.0
+    assert "Traceback" not in stderr
+    assert json.loads(stdout.splitlines()[-1])["event"] == "controller_stopped"
+
+
+def test_sigint_exits_0() -> None:
+    process = subprocess.Popen(
+        [*BALLOONCTL, "run", "--uri", "test:///default", "--stats-period", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if json.loads(line)["event"] == "controller_started":
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=5)
+
+    assert process.returncode == 0
+    assert "Traceback" not in stderr
+    assert json.loads(stdout.splitlines()[-1])["event"] == "controller_stopped"

@@ -1,0 +1,137 @@
+"""Controller behaviour under faults, with the in-memory hypervisor."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from balloonctl import controller as controller_module
+from balloonctl.config import Settings
+from balloonctl.controller import Controller
+from balloonctl.errors import HypervisorError
+from balloonctl.hypervisor import LifecycleKind
+from tests.fakes import FakeHypervisor
+from tests.logcapture import LogCapture
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def fake(logs: LogCapture) -> AsyncIterator[FakeHypervisor]:
+    hypervisor = FakeHypervisor()
+    hypervisor.add("alpha")
+    hypervisor.add("beta")
+    yield hypervisor
+
+
+async def run_controller(
+    hypervisor: FakeHypervisor, logs: LogCapture
+) -> AsyncIterator[Controller]:
+    controller = Controller(hypervisor, Settings(uri=hypervisor.uri, stats_period=1))
+    stop = asyncio.Event()
+    task = asyncio.create_task(controller.run(stop))
+    await logs.wait_event("controller_started")
+    try:
+        yield controller
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 3)
+
+
+async def test_lost_connection_reconnects_and_reconciles(
+    fake: FakeHypervisor, logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(controller_module, "RECONNECT_INITIAL_S", 0.05)
+    async for controller in run_controller(fake, logs):
+        await logs.wait_event("memory_released", domain="beta")
+        fake.refuse_connects = 2
+        gone = fake.domains.pop(next(iter(fake.domains)))
+        fake.add("gamma")
+
+        fake.drop_connection()
+        lost = await logs.wait_event("libvirt_disconnected")
+        back = await logs.wait_event("libvirt_reconnected")
+        await logs.wait_event("memory_released", domain="gamma")
+
+        names = {ref.name for ref in controller.domains}
+        assert lost["level"] == "warning"
+        assert lost["reason"] == "eof"
+        assert back["attempts"] == 3
+        assert names == {"beta", "gamma"}
+        assert gone.ref.name == "alpha"
+        assert controller.task_count() == 2
+    assert fake.connects == 4
+
+
+async def test_failing_domain_does_not_disturb_others(
+    fake: FakeHypervisor, logs: LogCapture
+) -> None:
+    alpha, beta = fake.domains.values()
+    alpha.fail_with = HypervisorError("internal error: monitor broke", code=1)
+
+    async for _controller in run_controller(fake, logs):
+        for _ in range(3):
+            await logs.wait_event(
+                "memory_released", domain="beta", actual_kib=beta.actual
+            )
+        failures = logs.events("domain_call_failed", domain="alpha")
+        alpha.fail_with = None
+        await logs.wait_event("domain_call_recovered", domain="alpha", timeout=8)
+
+    assert failures[0]["level"] == "warning"
+    assert failures[0]["error_code"] == 1
+    assert all(line["level"] == "debug" for line in failures[1:])
+    assert [line["retry_in_s"] for line in failures] == [1.0, 2.0][: len(failures)]
+    assert len(beta.targets) >= 3
+
+
+async def test_hung_domain_does_not_delay_others(
+    fake: FakeHypervisor, logs: LogCapture
+) -> None:
+    alpha, beta = fake.domains.values()
+    alpha.hang = True
+
+    async for _controller in run_controller(fake, logs):
+        for _ in range(3):
+            await logs.wait_event(
+                "memory_released", domain="beta", actual_kib=beta.actual, timeout=2
+            )
+
+    assert alpha.targets == []
+    assert len(beta.targets) >= 3
+
+
+async def test_lifecycle_events_drive_registry(
+    fake: FakeHypervisor, logs: LogCapture
+) -> None:
+    async for controller in run_controller(fake, logs):
+        delta = fake.add("delta")
+        fake.emit(delta, LifecycleKind.STARTED)
+        await logs.wait_event("domain_added", domain="delta")
+
+        fake.emit(delta, LifecycleKind.SUSPENDED)
+        await logs.wait_event("domain_paused", domain="delta")
+        fake.emit(delta, LifecycleKind.RESUMED)
+        await logs.wait_event("domain_resumed", domain="delta")
+
+        fake.emit(delta, LifecycleKind.STOPPED)
+        removed = await logs.wait_event("domain_removed", domain="delta")
+        assert removed["reason"].startswith("stopped")
+        assert "delta" not in {ref.name for ref in controller.domains}
+
+
+async def test_vanished_domain_is_forgotten_once(
+    fake: FakeHypervisor, logs: LogCapture
+) -> None:
+    async for controller in run_controller(fake, logs):
+        alpha = next(iter(fake.domains.values()))
+        del fake.domains[alpha.ref.uuid]
+        removed = await logs.wait_event("domain_removed", domain="alpha")
+        await asyncio.sleep(1.2)
+
+        assert removed["level"] == "info"
+        assert removed["reason"] == "domain gone"
+        assert len(logs.events("domain_removed", domain="alpha")) == 1
+        assert "alpha" not in {ref.name for ref in controller.domains}
+    assert not logs.events("domain_call_failed")
