@@ -48,12 +48,13 @@ def libvirtd() -> Iterator[harness.Libvirtd]:
         yield daemon
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def libvirt_conn(libvirtd: harness.Libvirtd) -> Iterator[libvirt.virConnect]:
-    """One connection for the whole session.
+    """A new connection for each test.
 
-    It breaks when libvirtd restarts, so a test that calls libvirtd.restart()
-    opens its own connections with libvirtd.connect().
+    A connection breaks when libvirtd restarts, so none is shared between
+    tests. A test that calls libvirtd.restart() itself opens new connections
+    with libvirtd.connect() afterwards.
     """
     conn = libvirtd.connect()
     yield conn

@@ -6,14 +6,17 @@ The pieces:
 - ``build_guest_image()`` runs scripts/build-guest.sh and returns the
   kernel and initramfs paths.
 - ``Libvirtd`` starts a private libvirtd on the default system sockets, so
-  ``qemu:///system`` reaches it, or reuses one that already answers there.
+  ``qemu:///system`` reaches it, or reuses one that already accepts
+  connections there.
 - ``Guest`` boots a transient domain from the image and runs shell commands
   in it over its second serial port.
 
 Everything here is synchronous and uses only the standard library and
-libvirt-python. Guests run under TCG (``<domain type='qemu'>``), so KVM is
-not needed. Domain names start with ``DOMAIN_PREFIX`` so that
-``destroy_leftover_domains()`` can find what an earlier run left behind.
+libvirt-python. Importing this module replaces libvirt's default error
+handler, which prints every error to stderr, for the whole process. Guests
+run under TCG (``<domain type='qemu'>``), so KVM is not needed. Domain
+names start with ``DOMAIN_PREFIX`` so that ``destroy_leftover_domains()``
+can find what an earlier run left behind.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, quoteattr
 
 try:
     import libvirt
@@ -74,7 +77,7 @@ log_outputs = "3:file:{log_path}"
 """
 
 SHELL_MARKER_PREFIX = "__BCTL_DONE_"
-# A canonical-mode tty line holds at most 4095 bytes plus the newline.
+# The tty's canonical-mode line buffer has room for 4095 bytes plus the newline.
 MAX_SHELL_LINE_BYTES = 4000
 BOOT_PROBE_INTERVAL_S = 0.5
 
@@ -95,7 +98,12 @@ def skip_reason() -> str | None:
         return "end-to-end tests need root: they start libvirtd on the system socket"
     if libvirt is None:
         return "Python module libvirt not found: pip install libvirt-python"
-    for path in (LIBVIRTD_BINARY, QEMU_BINARY, Path("/bin/busybox")):
+    if not Path("/bin/busybox").exists():
+        return "/bin/busybox not found: run scripts/install-deps.sh"
+    if _libvirtd_responds():
+        return None
+    # Only needed when Libvirtd has to start its own daemon.
+    for path in (LIBVIRTD_BINARY, QEMU_BINARY):
         if not path.exists():
             return f"{path} not found: run scripts/install-deps.sh"
     if shutil.which("unshare") is None:
@@ -104,9 +112,7 @@ def skip_reason() -> str | None:
         pwd.getpwnam("libvirt-qemu")
     except KeyError:
         return "system user libvirt-qemu not found: run scripts/install-deps.sh"
-    if not _uri_answers():
-        return _mount_namespace_problem()
-    return None
+    return _mount_namespace_problem()
 
 
 def _mount_namespace_problem() -> str | None:
@@ -147,7 +153,7 @@ def open_connection(uri: str = LIBVIRT_URI) -> libvirt.virConnect:
     return libvirt.open(uri)
 
 
-def _uri_answers(uri: str = LIBVIRT_URI) -> bool:
+def _libvirtd_responds(uri: str = LIBVIRT_URI) -> bool:
     """Check that ``uri`` accepts a connection and its QEMU driver replies."""
     if libvirt is None:
         return False
@@ -238,9 +244,10 @@ def build_guest_image(
 class Libvirtd:
     """A libvirtd that serves ``qemu:///system`` for the tests.
 
-    ``start()`` reuses a daemon that already answers on ``qemu:///system``
-    and then never stops it. Otherwise it starts /usr/sbin/libvirtd with a
-    private configuration directory in a temporary directory.
+    ``start()`` reuses a daemon that already accepts connections on
+    ``qemu:///system`` and then never stops it. Otherwise it starts
+    /usr/sbin/libvirtd with a private configuration directory in a temporary
+    directory.
 
     libvirtd 9.0 running as root reads qemu.conf only from /etc/libvirt and
     has no option to change that. So the daemon runs in a private mount
@@ -291,10 +298,10 @@ class Libvirtd:
         return open_connection(LIBVIRT_URI)
 
     def start(self) -> None:
-        """Start libvirtd, or reuse a running one, and wait until it answers."""
+        """Start libvirtd or reuse a running one, then wait until connecting works."""
         if self._process is not None or self._reused:
             return
-        if _uri_answers():
+        if _libvirtd_responds():
             self._reused = True
             return
         self._workdir = Path(tempfile.mkdtemp(prefix="bctl-libvirtd-"))
@@ -315,7 +322,7 @@ class Libvirtd:
         """
         if self._process is None:
             return
-        if self._process.poll() is None and _uri_answers():
+        if self._process.poll() is None and _libvirtd_responds():
             conn = self.connect()
             try:
                 destroy_leftover_domains(conn)
@@ -329,7 +336,9 @@ class Libvirtd:
         """Send ``sig`` to libvirtd, wait for it to exit and start it again.
 
         Running guests keep running and the new daemon reconnects to them.
-        Pass signal.SIGKILL to simulate a crash. Raises RuntimeError for a
+        Connections opened before the restart are closed: open new ones
+        with connect() and pass them to Guest.reconnect(). Pass
+        signal.SIGKILL to simulate a crash. Raises RuntimeError for a
         reused daemon.
         """
         if self._reused:
@@ -402,18 +411,19 @@ class Libvirtd:
     def _wait_until_answering(self) -> None:
         assert self._process is not None
         deadline = time.monotonic() + self.start_timeout
-        while not _uri_answers():
+        while not _libvirtd_responds():
             status = self._process.poll()
             if status is not None:
                 raise RuntimeError(
                     f"libvirtd (pid {self._process.pid}) exited with status {status} "
-                    f"before {LIBVIRT_URI} answered.\n{self.log_text()}"
+                    f"before accepting connections on {LIBVIRT_URI}.\n"
+                    f"{self.log_text()}"
                 )
             if time.monotonic() >= deadline:
                 raise TimeoutError(
-                    f"libvirtd (pid {self._process.pid}) did not answer on "
-                    f"{LIBVIRT_URI} "
-                    f"within {self.start_timeout} s.\n{self.log_text()}"
+                    f"libvirtd (pid {self._process.pid}) timed out: no connection "
+                    f"on {LIBVIRT_URI} within {self.start_timeout} s.\n"
+                    f"{self.log_text()}"
                 )
             time.sleep(0.2)
 
@@ -443,6 +453,15 @@ class Guest:
     guest never loads virtio_balloon. ``metadata_xml`` is inserted as is
     inside ``<metadata>`` and must be namespaced elements, for example
     ``<b:policy xmlns:b="urn:example">...</b:policy>``.
+    ``memballoon_attributes`` adds attributes to ``<memballoon>``, for
+    example ``{"autodeflate": "on", "freePageReporting": "on"}`` (both are
+    in libvirt 9.0's schema).
+
+    The kernel runs with panic=-1 and the domain with on_reboot=destroy, so
+    a guest kernel panic stops the domain. libvirt reports that as the
+    lifecycle events SHUTDOWN (detail GUEST) and STOPPED (detail SHUTDOWN),
+    the same as a shutdown from inside the guest. console_log() shows the
+    panic message.
 
     Using it as a context manager calls start() on entry and destroy() on
     exit. destroy() can be called any number of times.
@@ -457,6 +476,7 @@ class Guest:
         balloon_driver: bool = True,
         metadata_xml: str | None = None,
         vcpus: int = 1,
+        memballoon_attributes: dict[str, str] | None = None,
     ) -> None:
         full_name = name if name.startswith(DOMAIN_PREFIX) else DOMAIN_PREFIX + name
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", full_name):
@@ -474,6 +494,7 @@ class Guest:
         self.balloon_driver = balloon_driver
         self.metadata_xml = metadata_xml
         self.vcpus = vcpus
+        self.memballoon_attributes = dict(memballoon_attributes or {})
         self._domain: libvirt.virDomain | None = None
         self._workdir: Path | None = None
         self._socket: socket.socket | None = None
@@ -509,6 +530,10 @@ class Guest:
         metadata = (
             f"  <metadata>{self.metadata_xml}</metadata>\n" if self.metadata_xml else ""
         )
+        memballoon = "".join(
+            f" {key}={quoteattr(value)}"
+            for key, value in self.memballoon_attributes.items()
+        )
         # on_reboot=destroy: with panic=-1 a guest kernel panic (for example
         # an OOM with nothing left to kill) stops the domain instead of
         # rebooting it.
@@ -538,7 +563,7 @@ class Guest:
       <target port='1'/>
     </serial>
     <controller type='usb' model='none'/>
-    <memballoon model='virtio'/>
+    <memballoon model='virtio'{memballoon}/>
   </devices>
 </domain>
 """
@@ -547,9 +572,8 @@ class Guest:
         """Create the domain. Returns as soon as QEMU runs, before the guest booted."""
         if self._domain is not None:
             return
-        # NOTE: the socket path must stay below 108 bytes (sun_path), which
-        # holds for names of up to about 60 characters under /tmp.
         self._workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+        self._check_socket_path()
         self._started_at = time.monotonic()
         try:
             self._domain = self.conn.createXML(self.domain_xml(), 0)
@@ -584,7 +608,16 @@ class Guest:
         /dev/null as stdin and runs with oom_score_adj 0, so the OOM killer
         may pick it but never the shell serving ttyS1. Each call is a new
         shell, so variables and cd do not carry over. An exit status of 137
-        means SIGKILL, which is what the OOM killer sends.
+        means SIGKILL, which is what the OOM killer sends. A command ending
+        in ``&`` returns at once and its background job keeps running.
+
+        Memory in a tmpfs has no swap to go to, and killing a process does
+        not free it. A tmpfs filled past the guest's memory therefore leaves
+        the OOM killer nothing to free, and the next allocation panics the
+        guest kernel. Anonymous memory is freed by the OOM kill: for example
+        ``dd if=/dev/zero bs=200M count=1 2>/dev/null | sleep 600 &`` keeps
+        200 MiB allocated, because dd blocks writing to the pipe, until the
+        OOM killer or the test kills dd.
 
         Raises ValueError for control characters other than tab and newline
         (the tty would act on them) or a command longer than
@@ -621,23 +654,27 @@ class Guest:
         path = QEMU_LOG_DIR / f"{self.name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def destroy(self) -> None:
-        """Stop the domain if it runs and remove the guest's temporary directory."""
-        self._close_socket()
+    def reconnect(self, conn: libvirt.virConnect) -> None:
+        """Use ``conn`` from now on and look the domain up again through it.
+
+        Libvirtd.restart() closes every connection opened before it, so a
+        test calls this with a new connection after a restart.
+        """
+        self.conn = conn
         if self._domain is not None:
-            try:
-                self._domain.destroy()
-            except libvirt.libvirtError as error:
-                if error.get_error_code() not in (
-                    libvirt.VIR_ERR_NO_DOMAIN,
-                    libvirt.VIR_ERR_OPERATION_INVALID,
-                ):
-                    raise
-            self._domain = None
-        if self._workdir is not None:
-            self._final_console_log = self.console_log()
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+            self._domain = conn.lookupByName(self.name)
+
+    def destroy(self) -> None:
+        """Stop the domain if it runs and remove the guest's temporary directory.
+
+        The directory is removed even when libvirt raises, for example on a
+        connection that a libvirtd restart closed.
+        """
+        self._close_socket()
+        try:
+            self._destroy_domain()
+        finally:
+            self._remove_workdir()
 
     def __enter__(self) -> Guest:
         self.start()
@@ -650,6 +687,36 @@ class Guest:
         traceback: TracebackType | None,
     ) -> None:
         self.destroy()
+
+    def _check_socket_path(self) -> None:
+        # sun_path in struct sockaddr_un has 108 bytes, including the NUL.
+        path = str(self.shell_socket_path)
+        if len(path.encode()) > 107:
+            self._remove_workdir()
+            raise ValueError(
+                f"serial socket path {path!r} is longer than 107 bytes: "
+                "use a shorter guest name or TMPDIR"
+            )
+
+    def _destroy_domain(self) -> None:
+        if self._domain is None:
+            return
+        try:
+            self._domain.destroy()
+        except libvirt.libvirtError as error:
+            if error.get_error_code() not in (
+                libvirt.VIR_ERR_NO_DOMAIN,
+                libvirt.VIR_ERR_OPERATION_INVALID,
+            ):
+                raise
+        finally:
+            self._domain = None
+
+    def _remove_workdir(self) -> None:
+        if self._workdir is not None:
+            self._final_console_log = self.console_log()
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
 
     def _check_domain_active(self) -> None:
         try:

@@ -1,0 +1,113 @@
+"""``balloonctl run`` as a real child process, with its JSON lines parsed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+Line = dict[str, Any]
+
+
+class ControllerProcess:
+    """Start ``python -m balloonctl run ARGS`` and collect its log lines."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = ["run", "--log-format", "json", "--log-level", "debug", *args]
+        self.lines: list[Line] = []
+        self.stderr = ""
+        self.returncode: int | None = None
+        self._changed = threading.Condition()
+        self._process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "balloonctl", *self.args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for raw in self._process.stdout:
+            line = json.loads(raw)
+            line["_received"] = time.monotonic()
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def events(self, name: str, **fields: Any) -> list[Line]:
+        with self._changed:
+            return [
+                line
+                for line in self.lines
+                if line["event"] == name
+                and all(line.get(key) == value for key, value in fields.items())
+            ]
+
+    def wait_for(self, predicate: Callable[[Line], bool], timeout: float) -> Line:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if predicate(line):
+                        return line
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (
+                    self._process and self._process.poll() is not None
+                ):
+                    raise AssertionError(
+                        f"no matching log line within {timeout} s; last lines:\n"
+                        + "\n".join(json.dumps(line) for line in self.lines[-15:])
+                    )
+                self._changed.wait(min(remaining, 0.5))
+
+    def wait_event(self, name: str, timeout: float = 30.0, **fields: Any) -> Line:
+        def matches(line: Line) -> bool:
+            return line["event"] == name and all(
+                line.get(key) == value for key, value in fields.items()
+            )
+
+        return self.wait_for(matches, timeout)
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """Send SIGTERM and wait; kill by pid if it does not exit in time."""
+        process = self._process
+        if process is None or self.returncode is not None:
+            return self.returncode if self.returncode is not None else 0
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        if self._reader is not None:
+            self._reader.join(5)
+        assert process.stderr is not None
+        self.stderr = process.stderr.read()
+        self.returncode = process.returncode
+        return process.returncode
+
+    def __enter__(self) -> "ControllerProcess":
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
