@@ -227,16 +227,15 @@ class DomainWorker:
         ):
             return
 
-        invalid = decision.reason is Reason.STATS_INVALID
-        event = "stats_invalid" if invalid else "memory_kept"
-        level = logging.DEBUG
-        if changed:
-            level = logging.WARNING if invalid else logging.INFO
-        self._log.log(
-            level,
-            event,
-            reason=decision.reason.value,
-            actual_kib=sample.actual,
-            unused_kib=sample.unused,
-            maximum_kib=sample.maximum,
-        )
+        figures = {
+            "reason": decision.reason.value,
+            "actual_kib": sample.actual,
+            "unused_kib": sample.unused,
+            "maximum_kib": sample.maximum,
+        }
+        if decision.reason is Reason.STATS_INVALID:
+            level = logging.WARNING if changed else logging.DEBUG
+            self._log.log(level, "stats_invalid", **figures)
+        else:
+            level = logging.INFO if changed else logging.DEBUG
+            self._log.log(level, "memory_kept", **figures)
