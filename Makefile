@@ -42,7 +42,9 @@ unit: install
 e2e: install guest
 	$(BIN)/pytest -m e2e
 
-test: lint typecheck guest
+# The end-to-end tests build the guest image themselves, and skip (or fail
+# under CI=true) where they cannot run.
+test: lint typecheck
 	$(BIN)/pytest
 
 clean:

@@ -55,7 +55,7 @@ def sample_from(stats: MemoryStats, maximum_kib: int, taken_at: float) -> Sample
 
 @dataclasses.dataclass
 class DomainMemory:
-    """What the controller remembers about a domain across reconnects."""
+    """State kept for one domain across reconnects."""
 
     request: Request | None = None
     missing: tuple[str, ...] = ()

@@ -176,8 +176,9 @@ class LibvirtHypervisor:
         # outcome so that asyncio does not report it as never retrieved.
         result.add_done_callback(_discard_outcome)
         try:
-            # asyncio.timeout, unlike wait_for in Python 3.11, never loses a
-            # cancellation that arrives as the call completes.
+            # In Python 3.11, wait_for returns the result of a call that
+            # completes as the task is cancelled, and the cancellation is
+            # lost; asyncio.timeout re-raises it.
             async with asyncio.timeout(limit):
                 return await asyncio.shield(result)
         except TimeoutError:
@@ -311,7 +312,7 @@ class LibvirtHypervisor:
         last_update = stats.get("last_update")
         if self._driver_type == "TEST":
             # libvirt's test driver reports a constant last_update, so its
-            # reports cannot be told apart by time; treat it as not reported.
+            # reports cannot be ordered by time; treat it as not reported.
             last_update = None
         return MemoryStats(
             actual=_optional_kib(stats, "actual"),

@@ -1,7 +1,7 @@
 """An in-memory hypervisor behind the seam, for faults on demand.
 
-libvirt's drivers cannot be told to drop a connection, fail one domain's
-calls or refuse to reconnect at a chosen moment; this fake can. Everything
+libvirt's drivers offer no way to drop a connection, fail one domain's
+calls or reject reconnection at a chosen moment, and this fake does. Everything
 else is tested against real libvirt.
 """
 

@@ -1,5 +1,8 @@
 """balloonctl run against a real libvirtd with QEMU guests under TCG."""
 
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -15,6 +18,19 @@ pytestmark = pytest.mark.e2e
 PERIOD = "2"
 # A guest has converged when nothing more is worth releasing.
 SETTLED_REASONS = {"unused_within_buffer", "release_below_min_release"}
+
+
+def run_plan() -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "balloonctl", "plan", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
 
 
 def stats(guest: harness.Guest) -> dict[str, int]:
@@ -40,7 +56,14 @@ def test_idle_guest_shrinks_to_buffer_then_left_alone(
             time.sleep(3 * int(PERIOD) + 1)
             releases = controller.events("memory_released", domain=guest.name)
             final = stats(guest)
+            plan = run_plan()
         assert controller.returncode == 0
+
+    (row,) = [row for row in plan["domains"] if row["domain"] == guest.name]
+    assert row["action"] == "keep"
+    assert row["reason"] in SETTLED_REASONS
+    assert abs(row["actual_kib"] - final["actual"]) <= 1024
+    assert row["maximum_kib"] == 512 * MIB
 
     assert len(releases) == settled
     assert len(releases) >= 4

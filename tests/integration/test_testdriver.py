@@ -166,7 +166,7 @@ async def test_stop_is_never_lost_while_calls_complete(
 ) -> None:
     # Python 3.11's wait_for could drop a cancellation that arrived just as
     # the awaited call finished, which left the shutdown waiting forever. The
-    # test driver answers at once, so stopping right after the first call
+    # test driver returns at once, so stopping right after the first call
     # hits that window often.
     for _ in range(20):
         logs.lines.clear()

@@ -1,0 +1,77 @@
+import io
+import json
+import logging
+
+import structlog
+
+from balloonctl.logs import choose_format, configure_logging, get_logger
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_auto_format_is_json_off_a_terminal() -> None:
+    assert choose_format("auto", io.StringIO()) == "json"
+
+
+def test_auto_format_is_console_on_a_terminal() -> None:
+    assert choose_format("auto", Terminal()) == "console"
+
+
+def test_explicit_format_wins() -> None:
+    assert choose_format("json", Terminal()) == "json"
+    assert choose_format("console", io.StringIO()) == "console"
+
+
+def test_structlog_event_is_one_json_line() -> None:
+    stream = io.StringIO()
+    configure_logging("json", "info", stream)
+
+    get_logger(domain="web1", uuid="u-1").info("memory_released", target_kib=1024)
+
+    (line,) = [json.loads(raw) for raw in stream.getvalue().splitlines()]
+    assert line["event"] == "memory_released"
+    assert line["level"] == "info"
+    assert line["domain"] == "web1"
+    assert line["uuid"] == "u-1"
+    assert line["target_kib"] == 1024
+    assert line["timestamp"].endswith("Z")
+
+
+def test_stdlib_records_use_the_same_renderer() -> None:
+    stream = io.StringIO()
+    configure_logging("json", "debug", stream)
+
+    logging.getLogger("libvirtaio").debug("add_handle(fd=%d)", 7)
+
+    (line,) = [json.loads(raw) for raw in stream.getvalue().splitlines()]
+    assert line["event"] == "add_handle(fd=7)"
+    assert line["level"] == "debug"
+    assert line["logger"] == "libvirtaio"
+    assert "timestamp" in line
+
+
+def test_level_filters_lower_levels() -> None:
+    stream = io.StringIO()
+    configure_logging("json", "warning", stream)
+
+    get_logger().info("memory_kept")
+    logging.getLogger("libvirt").info("ignored")
+    get_logger().warning("stats_unavailable")
+
+    events = [json.loads(raw)["event"] for raw in stream.getvalue().splitlines()]
+    assert events == ["stats_unavailable"]
+
+
+def test_console_format_is_not_json() -> None:
+    stream = io.StringIO()
+    configure_logging("console", "info", stream)
+
+    structlog.stdlib.get_logger("balloonctl").info("domain_added", domain="web1")
+
+    text = stream.getvalue()
+    assert "domain_added" in text
+    assert "domain=web1" in text
+    assert not text.lstrip().startswith("{")
