@@ -45,6 +45,17 @@ _SETTING_FLAGS = (
     "dry_run",
     "log_format",
     "log_level",
+    "grow_margin",
+    "floor_min",
+    "floor_percent",
+    "host_reserve",
+    "release_cooldown",
+    "stuck_periods",
+    "manual_grace",
+    "distress_major_faults",
+    "metric",
+    "include",
+    "exclude",
 )
 
 
@@ -73,6 +84,11 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
             "warn when the host's available memory is at or below this",
             defaults.host_warn,
         ),
+        "--grow-margin": (
+            "memory granted beyond the buffer when a guest runs short",
+            defaults.grow_margin,
+        ),
+        "--floor-min": ("no guest is shrunk below this", defaults.floor_min),
     }
     for flag, (text, default) in sizes.items():
         parser.add_argument(
@@ -87,6 +103,62 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
         help="how long one libvirt call may take before it counts as failed "
         f"(default {defaults.call_timeout:g})",
     )
+    _add_policy_options(parser, defaults)
+
+
+def _add_policy_options(parser: argparse.ArgumentParser, defaults: Settings) -> None:
+    parser.add_argument(
+        "--floor-percent",
+        metavar="PERCENT",
+        help="no guest is shrunk below this percentage of its maximum memory "
+        f"(default {defaults.floor_percent:g})",
+    )
+    parser.add_argument(
+        "--host-reserve",
+        metavar="SIZE",
+        help="grants never take the host's available memory below this, "
+        "except emergencies (default: the --host-warn value)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=("unused", "usable"),
+        help="guest figure that counts as free: unused (MemFree) or usable "
+        f"(MemAvailable, counts page cache) (default {defaults.metric})",
+    )
+    counts = {
+        "--release-cooldown": (
+            "PERIODS",
+            "periods after a grant with no release",
+            defaults.release_cooldown,
+        ),
+        "--stuck-periods": (
+            "PERIODS",
+            "periods without balloon progress before a target counts as stuck",
+            defaults.stuck_periods,
+        ),
+        "--manual-grace": (
+            "SECONDS",
+            "seconds without release after a balloon change balloonctl did not make",
+            defaults.manual_grace,
+        ),
+        "--distress-major-faults": (
+            "COUNT",
+            "major faults between two reports that count as guest distress",
+            defaults.distress_major_faults,
+        ),
+    }
+    for flag, (metavar, text, default) in counts.items():
+        parser.add_argument(flag, metavar=metavar, help=f"{text} (default {default:g})")
+    for flag, text in (
+        ("--include", "manage only domains whose name matches PATTERN"),
+        ("--exclude", "never manage domains whose name matches PATTERN"),
+    ):
+        parser.add_argument(
+            flag,
+            metavar="PATTERN",
+            action="append",
+            help=f"{text}; shell-style, may be repeated",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

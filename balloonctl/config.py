@@ -11,6 +11,7 @@ from balloonctl.units import MIB, SizeError, parse_size
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+METRICS = ("unused", "usable")
 
 
 class ConfigError(Exception):
@@ -31,6 +32,23 @@ class Settings:
     dry_run: bool = False
     log_format: str = "auto"
     log_level: str = "info"
+    grow_margin: int = 64 * MIB
+    floor_min: int = 128 * MIB
+    floor_percent: float = 10.0
+    # None means the same as host_warn.
+    host_reserve: int | None = None
+    release_cooldown: int = 6
+    stuck_periods: int = 3
+    manual_grace: float = 600.0
+    distress_major_faults: int = 100
+    metric: str = "unused"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    domains: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def effective_host_reserve(self) -> int:
+        return self.host_warn if self.host_reserve is None else self.host_reserve
 
 
 def _parse_uri(value: object) -> str:
@@ -77,6 +95,55 @@ def _parse_timeout(value: object) -> float:
     return float(value)
 
 
+def _parse_count(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, str) and value.strip().isdecimal():
+            value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a whole number from {low} to {high}")
+        if not low <= value <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _parse_percent(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().removesuffix("%"))
+        except ValueError:
+            raise ValueError("expected a percentage from 0 to 90, such as 20") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a percentage from 0 to 90, such as 20")
+    if not (0 <= value <= 90):
+        raise ValueError("expected a percentage from 0 to 90, such as 20")
+    return float(value)
+
+
+def _parse_grace(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError("expected seconds, such as 600") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected seconds, such as 600")
+    if not (0 <= value <= 86400) or not math.isfinite(value):
+        raise ValueError("expected seconds from 0 to 86400")
+    return float(value)
+
+
+def _parse_patterns(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(item, str) and item for item in value
+    ):
+        raise ValueError("expected a list of domain name patterns, such as ['web-*']")
+    return tuple(value)
+
+
 def _parse_bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError("expected true or false")
@@ -103,6 +170,29 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "dry_run": _parse_bool,
     "log_format": _choice(LOG_FORMATS),
     "log_level": _choice(LOG_LEVELS),
+    "grow_margin": _parse_size,
+    "floor_min": _parse_size,
+    "floor_percent": _parse_percent,
+    "host_reserve": _parse_size,
+    "release_cooldown": _parse_count(0, 1000),
+    "stuck_periods": _parse_count(1, 1000),
+    "manual_grace": _parse_grace,
+    "distress_major_faults": _parse_count(1, 10**9),
+    "metric": _choice(METRICS),
+    "include": _parse_patterns,
+    "exclude": _parse_patterns,
+}
+
+# Keys a [domains."NAME"] section may set, with their parsers.
+DOMAIN_KEYS: dict[str, Callable[[object], Any]] = {
+    "managed": _parse_bool,
+    "min_unused": _parse_size,
+    "max_release": _parse_size,
+    "min_release": _parse_size,
+    "grow_margin": _parse_size,
+    "floor_min": _parse_size,
+    "floor_percent": _parse_percent,
+    "metric": _choice(METRICS),
 }
 
 
@@ -129,16 +219,46 @@ def load_file(path: Path) -> dict[str, Any]:
             f"config file {str(path)!r} is not valid TOML: {exc}"
         ) from exc
 
-    return _validate(raw, lambda key: f"config file {str(path)!r}: key {key!r}")
+    where = f"config file {str(path)!r}"
+    raw = dict(raw)
+    sections = raw.pop("domains", {})
+    values = _validate(raw, lambda key: f"{where}: key {key!r}")
+    values["domains"] = _validate_domains(sections, where)
+    return values
 
 
-def _validate(raw: Mapping[str, object], where: Callable[[str], str]) -> dict[str, Any]:
+def _validate_domains(sections: object, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(sections, dict):
+        raise ConfigError(
+            f"{where}: key 'domains' must be a table of [domains.\"NAME\"] sections"
+        )
+    domains = {}
+    for name, section in sections.items():
+        label = f"{where}: [domains.{name!r}]"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{label} must be a table, got {section!r}")
+        domains[name] = _validate(section, _naming(label), DOMAIN_KEYS)
+    return domains
+
+
+def _naming(label: str) -> Callable[[str], str]:
+    def where(key: str) -> str:
+        return f"{label} key {key!r}"
+
+    return where
+
+
+def _validate(
+    raw: Mapping[str, object],
+    where: Callable[[str], str],
+    parsers: Mapping[str, Callable[[object], Any]] = _PARSERS,
+) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        parser = _PARSERS.get(key)
+        parser = parsers.get(key)
         if parser is None:
             raise ConfigError(
-                f"{where(key)} is unknown; valid keys are {', '.join(_PARSERS)}"
+                f"{where(key)} is unknown; valid keys are {', '.join(parsers)}"
             )
         try:
             values[key] = parser(value)

@@ -16,16 +16,18 @@ from collections.abc import Callable
 import structlog
 
 from balloonctl.config import Settings
-from balloonctl.domain import DomainMemory, DomainWorker
+from balloonctl.domain import DomainMemory, DomainWorker, HostView
 from balloonctl.errors import HypervisorError
 from balloonctl.hostwatch import HostWatch
 from balloonctl.hypervisor import (
+    BalloonChanged,
     ConnectionLost,
     DomainRef,
     Hypervisor,
     HypervisorEvent,
     LifecycleEvent,
     LifecycleKind,
+    MetadataChanged,
 )
 
 RECONNECT_INITIAL_S = 1.0
@@ -68,6 +70,7 @@ class Controller:
         self._entries: dict[str, _Entry] = {}
         self._memory: dict[str, DomainMemory] = {}
         self._host_task: asyncio.Task[None] | None = None
+        self._host = HostView()
         self._connected = False
         self._log = structlog.stdlib.get_logger("balloonctl").bind(uri=hypervisor.uri)
 
@@ -135,8 +138,19 @@ class Controller:
             await self._reconnect(item.reason, stop)
         elif isinstance(item, _DomainGone):
             self._remove(item.domain, item.reason)
+        elif isinstance(item, BalloonChanged):
+            entry = self._entries.get(item.domain.uuid)
+            if entry is not None:
+                entry.worker.balloon_changed(item.actual_kib)
+        elif isinstance(item, MetadataChanged):
+            self._reload_policy(item.domain)
         else:
             self._on_lifecycle(item)
+
+    def _reload_policy(self, domain: DomainRef) -> None:
+        entry = self._entries.get(domain.uuid)
+        if entry is not None:
+            entry.worker.reload_policy()
 
     def _on_lifecycle(self, event: LifecycleEvent) -> None:
         domain, kind = event.domain, event.kind
@@ -147,6 +161,8 @@ class Controller:
             entry = self._entries.get(domain.uuid)
             if entry is not None:
                 entry.worker.pause()
+        elif kind is LifecycleKind.DEFINED:
+            self._reload_policy(domain)
         elif kind is LifecycleKind.STOPPED:
             self._remove(
                 domain, f"{kind.value} (event {event.event}, detail {event.detail})"
@@ -161,6 +177,7 @@ class Controller:
             domain,
             self._settings,
             memory,
+            host=self._host,
             on_gone=lambda ref, why: self._enqueue(_DomainGone(ref, why)),
             on_disconnected=lambda why: self._enqueue(ConnectionLost(why)),
             clock=self._clock,
@@ -203,7 +220,11 @@ class Controller:
 
     def _start_host_watch(self) -> None:
         watch = HostWatch(
-            self._hv, self._settings.host_warn, self._settings.stats_period, self._clock
+            self._hv,
+            self._settings.host_warn,
+            self._settings.stats_period,
+            self._clock,
+            view=self._host,
         )
         self._host_task = asyncio.create_task(watch.run(), name="host watch")
 

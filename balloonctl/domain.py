@@ -1,4 +1,5 @@
-"""The per-domain task: set the stats period, then sample, decide and act."""
+"""The per-domain task: read the policy, set the stats period, then each
+period sample, decide and act."""
 
 import asyncio
 import dataclasses
@@ -9,6 +10,7 @@ from collections.abc import Callable
 import structlog
 
 from balloonctl.config import Settings
+from balloonctl.domain_policy import DomainPolicy, resolve
 from balloonctl.errors import (
     CallTimedOut,
     Disconnected,
@@ -18,13 +20,14 @@ from balloonctl.errors import (
 )
 from balloonctl.hypervisor import DomainRef, DomainState, Hypervisor, MemoryStats
 from balloonctl.policy import (
+    TARGET_TOLERANCE_KIB,
     Action,
     Decision,
+    History,
     Reason,
-    Request,
     Sample,
-    Thresholds,
     decide,
+    note_manual_change,
 )
 
 # Failed calls are retried after one period, then after twice as long each
@@ -34,15 +37,6 @@ MAX_BACKOFF_S = 60.0
 Clock = Callable[[], float]
 
 
-def thresholds_from(settings: Settings) -> Thresholds:
-    return Thresholds(
-        min_unused=settings.min_unused,
-        max_release=settings.max_release,
-        min_release=settings.min_release,
-        stats_period=settings.stats_period,
-    )
-
-
 def sample_from(stats: MemoryStats, maximum_kib: int, taken_at: float) -> Sample:
     return Sample(
         actual=stats.actual,
@@ -50,16 +44,44 @@ def sample_from(stats: MemoryStats, maximum_kib: int, taken_at: float) -> Sample
         maximum=maximum_kib,
         last_update=stats.last_update,
         taken_at=taken_at,
+        usable=stats.usable,
+        available=stats.available,
+        swap_in=stats.swap_in,
+        major_fault=stats.major_fault,
     )
+
+
+def is_foreign_change(history: History, actual: int) -> bool:
+    """Tell whether a new ``actual`` is a balloon move balloonctl did not ask for.
+
+    A move toward the pending target is ours; any other move by more than the
+    tolerance, including one while no request is pending, is not.
+    """
+    last = history.last_actual
+    if last is None or abs(actual - last) <= TARGET_TOLERANCE_KIB:
+        return False
+    request = history.request
+    if request is None:
+        return True
+    return abs(actual - request.target) > abs(last - request.target)
 
 
 @dataclasses.dataclass
 class DomainMemory:
     """State kept for one domain across reconnects."""
 
-    request: Request | None = None
+    history: History = dataclasses.field(default_factory=History)
     missing: tuple[str, ...] = ()
     last_reason: Reason | None = None
+    stale: bool = False
+    stuck: bool = False
+
+
+@dataclasses.dataclass
+class HostView:
+    """The host's available memory as last read by the host watch."""
+
+    available_kib: int | None = None
 
 
 class DomainWorker:
@@ -72,6 +94,7 @@ class DomainWorker:
         settings: Settings,
         memory: DomainMemory,
         *,
+        host: HostView,
         on_gone: Callable[[DomainRef, str], None],
         on_disconnected: Callable[[str], None],
         clock: Clock = time.monotonic,
@@ -80,18 +103,24 @@ class DomainWorker:
         self._hv = hypervisor
         self._settings = settings
         self._memory = memory
+        self._host = host
         self._on_gone = on_gone
         self._on_disconnected = on_disconnected
         self._clock = clock
-        self._thresholds = thresholds_from(settings)
         self._resumed = asyncio.Event()
         self._resumed.set()
+        self._policy: DomainPolicy | None = None
         self._period_set = False
         self._period_failed = False
         self._failures = 0
+        self._rejected_targets: set[int] = set()
         self._log = structlog.stdlib.get_logger("balloonctl").bind(
             domain=domain.name, uuid=domain.uuid
         )
+
+    @property
+    def policy(self) -> DomainPolicy | None:
+        return self._policy
 
     def pause(self) -> None:
         """Stop sampling until ``resume``; called for a suspended domain."""
@@ -103,6 +132,29 @@ class DomainWorker:
         if not self._resumed.is_set():
             self._log.info("domain_resumed")
         self._resumed.set()
+
+    def reload_policy(self) -> None:
+        """Read the domain's policy again before the next sample."""
+        self._policy = None
+
+    def balloon_changed(self, actual_kib: int) -> None:
+        """Handle a balloon-change event: start the grace period if not ours."""
+        history = self._memory.history
+        if not is_foreign_change(history, actual_kib) or self._policy is None:
+            return
+        self._note_manual(actual_kib, "balloon_change_event")
+
+    def _note_manual(self, actual_kib: int, seen_by: str) -> None:
+        assert self._policy is not None and self._policy.params is not None
+        params = self._policy.params
+        history = note_manual_change(self._memory.history, self._clock(), params)
+        self._memory.history = dataclasses.replace(history, last_actual=actual_kib)
+        self._log.info(
+            "manual_change_detected",
+            actual_kib=actual_kib,
+            seen_by=seen_by,
+            grace_s=params.manual_grace_s,
+        )
 
     async def run(self) -> None:
         period = float(self._settings.stats_period)
@@ -145,7 +197,39 @@ class DomainWorker:
         )
         return delay
 
+    async def _load_policy(self) -> DomainPolicy:
+        xml = await self._hv.domain_xml(self.domain)
+        policy = resolve(self.domain.name, xml, self._settings)
+        previous, self._policy = self._policy, policy
+        if previous == policy:
+            return policy
+        if policy.state == "invalid":
+            self._log.warning(
+                "policy_invalid",
+                field=policy.field,
+                value=policy.value,
+                error=policy.reason,
+            )
+        elif policy.state == "excluded":
+            self._log.info("domain_excluded", reason=policy.reason)
+        else:
+            assert policy.params is not None
+            self._log.info(
+                "policy_applied",
+                sources=list(policy.sources),
+                metric=policy.params.metric.value,
+                min_unused_kib=policy.params.min_unused,
+                max_release_kib=policy.params.max_release,
+                floor_min_kib=policy.params.floor_min,
+                floor_percent=policy.params.floor_percent,
+            )
+        return policy
+
     async def _step(self) -> None:
+        policy = self._policy or await self._load_policy()
+        if not policy.managed:
+            return
+        assert policy.params is not None
         if not self._period_set:
             await self._try_set_period()
 
@@ -157,10 +241,20 @@ class DomainWorker:
 
         stats = await self._hv.memory_stats(self.domain)
         sample = sample_from(stats, info.maximum_kib, self._clock())
-        decision = decide(sample, self._memory.request, self._thresholds)
+        if sample.actual is not None and is_foreign_change(
+            self._memory.history, sample.actual
+        ):
+            self._note_manual(sample.actual, "sample")
+        decision, history = decide(
+            sample, self._memory.history, policy.params, self._host.available_kib
+        )
         self._report(decision, sample)
-        if decision.action is Action.RELEASE:
-            await self._release(decision, sample)
+        if decision.target is not None and decision.action is not Action.KEEP:
+            await self._act(decision, sample)
+        self._memory.history = history
+        if self._memory.stuck and history.stuck_count == 0:
+            self._log.info("balloon_recovered", actual_kib=sample.actual)
+            self._memory.stuck = False
 
     async def _try_set_period(self) -> None:
         """Set the stats period; on failure, sample anyway and retry next time.
@@ -189,24 +283,45 @@ class DomainWorker:
         self._log.info("stats_period_set", period_s=period)
         self._period_set = True
 
-    async def _release(self, decision: Decision, sample: Sample) -> None:
+    async def _act(self, decision: Decision, sample: Sample) -> None:
         assert decision.target is not None
+        if decision.target in self._rejected_targets:
+            self._log.debug("target_skipped", target_kib=decision.target)
+            return
         if not self._settings.dry_run:
-            await self._hv.set_target(self.domain, decision.target)
-        self._memory.request = Request(
-            target=decision.target,
-            requested_at=self._clock(),
-            last_update=sample.last_update,
-        )
-        self._log.info(
-            "memory_released",
-            actual_kib=sample.actual,
-            target_kib=decision.target,
-            unused_kib=sample.unused,
-            released_kib=decision.release,
-            maximum_kib=sample.maximum,
-            dry_run=self._settings.dry_run,
-        )
+            try:
+                await self._hv.set_target(self.domain, decision.target)
+            except HypervisorError as exc:
+                if exc.code == _VIR_ERR_INVALID_ARG:
+                    # Rejected as too large: the maximum is read again next
+                    # period, and the same value is not requested again.
+                    self._rejected_targets.add(decision.target)
+                raise
+        self._log_action(decision, sample)
+
+    def _log_action(self, decision: Decision, sample: Sample) -> None:
+        common = {
+            "actual_kib": sample.actual,
+            "target_kib": decision.target,
+            "unused_kib": sample.unused,
+            "usable_kib": sample.usable,
+            "maximum_kib": sample.maximum,
+            "floor_kib": decision.floor,
+            "dry_run": self._settings.dry_run,
+        }
+        if decision.action is Action.RELEASE:
+            self._log.info("memory_released", released_kib=decision.change, **common)
+        elif decision.action is Action.GRANT:
+            self._log.info(
+                "memory_granted",
+                granted_kib=decision.change,
+                reason=decision.reason.value,
+                emergency=decision.emergency,
+                **common,
+            )
+        else:
+            self._memory.stuck = True
+            self._log.warning("balloon_stuck", **common)
 
     def _report(self, decision: Decision, sample: Sample) -> None:
         """Log what changed since the last period; repeats go to debug."""
@@ -219,23 +334,36 @@ class DomainWorker:
             self._log.info("stats_available")
             memory.missing = ()
 
+        if decision.stale and not memory.stale:
+            self._log.warning("stats_stale", last_update=sample.last_update)
+        memory.stale = decision.stale
+
         changed = decision.reason is not memory.last_reason
         memory.last_reason = decision.reason
-        if (
-            decision.action is Action.RELEASE
-            or decision.reason is Reason.STATS_UNAVAILABLE
-        ):
+        if decision.action is not Action.KEEP:
             return
+        if decision.reason is Reason.STATS_UNAVAILABLE:
+            return
+        self._log_kept(decision, sample, changed)
 
+    def _log_kept(self, decision: Decision, sample: Sample, changed: bool) -> None:
         figures = {
             "reason": decision.reason.value,
             "actual_kib": sample.actual,
             "unused_kib": sample.unused,
+            "usable_kib": sample.usable,
             "maximum_kib": sample.maximum,
         }
         if decision.reason is Reason.STATS_INVALID:
             level = logging.WARNING if changed else logging.DEBUG
-            self._log.log(level, "stats_invalid", **figures)
+            self._log.log(
+                level, "stats_invalid", figures=list(decision.invalid), **figures
+            )
         else:
             level = logging.INFO if changed else logging.DEBUG
             self._log.log(level, "memory_kept", **figures)
+
+
+# libvirt's VIR_ERR_INVALID_ARG, which setMemoryFlags raises for a target
+# above the maximum; kept here so this module does not import libvirt.
+_VIR_ERR_INVALID_ARG = 8

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import structlog
 
+from balloonctl.domain import HostView
 from balloonctl.errors import Disconnected, HypervisorError
 from balloonctl.hypervisor import HostMemory, Hypervisor
 
@@ -23,11 +24,13 @@ class HostWatch:
         host_warn_kib: int,
         period_s: float,
         clock: Callable[[], float] = time.monotonic,
+        view: HostView | None = None,
     ) -> None:
         self._hv = hypervisor
         self._host_warn = host_warn_kib
         self._period = period_s
         self._clock = clock
+        self._view = view if view is not None else HostView()
         self._low = False
         self._last_warning = 0.0
         self._failing = False
@@ -54,6 +57,7 @@ class HostWatch:
     def observe(self, memory: HostMemory) -> None:
         """Log a transition into or out of the low state, or a due repeat."""
         now = self._clock()
+        self._view.available_kib = memory.available_kib
         fields = {
             "available_kib": memory.available_kib,
             "host_warn_kib": self._host_warn,

@@ -32,13 +32,19 @@ class DomainInfo:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryStats:
-    """A domain's balloon statistics in KiB; a figure not reported is None."""
+    """A domain's balloon statistics in KiB; a figure not reported is None.
+
+    ``swap_in`` is KiB swapped in since the guest booted and ``major_fault``
+    a count since boot; both are counters that a reboot resets.
+    """
 
     actual: int | None
     unused: int | None
     available: int | None
     usable: int | None
     last_update: int | None
+    swap_in: int | None = None
+    major_fault: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,7 @@ class HostMemory:
 
 
 class LifecycleKind(enum.Enum):
+    DEFINED = "defined"
     STARTED = "started"
     SUSPENDED = "suspended"
     RESUMED = "resumed"
@@ -64,11 +71,24 @@ class LifecycleEvent:
 
 
 @dataclasses.dataclass(frozen=True)
+class BalloonChanged:
+    """The balloon's actual size changed (VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE)."""
+
+    domain: DomainRef
+    actual_kib: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataChanged:
+    domain: DomainRef
+
+
+@dataclasses.dataclass(frozen=True)
 class ConnectionLost:
     reason: str
 
 
-HypervisorEvent = LifecycleEvent | ConnectionLost
+HypervisorEvent = LifecycleEvent | BalloonChanged | MetadataChanged | ConnectionLost
 EventSink = Callable[[HypervisorEvent], None]
 
 
@@ -95,6 +115,9 @@ class Hypervisor(Protocol):
     async def set_stats_period(self, domain: DomainRef, seconds: int) -> None: ...
 
     async def memory_stats(self, domain: DomainRef) -> MemoryStats: ...
+
+    async def domain_xml(self, domain: DomainRef) -> str:
+        """Return the domain's live XML description."""
 
     async def set_target(self, domain: DomainRef, kib: int) -> None:
         """Set the live balloon target; the persistent config is not touched."""

@@ -25,6 +25,7 @@ from balloonctl.errors import (
     Unsupported,
 )
 from balloonctl.hypervisor import (
+    BalloonChanged,
     ConnectionLost,
     DomainInfo,
     DomainRef,
@@ -34,6 +35,7 @@ from balloonctl.hypervisor import (
     LifecycleEvent,
     LifecycleKind,
     MemoryStats,
+    MetadataChanged,
 )
 
 T = TypeVar("T")
@@ -41,6 +43,7 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 _LIFECYCLE_KINDS = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: LifecycleKind.DEFINED,
     libvirt.VIR_DOMAIN_EVENT_STARTED: LifecycleKind.STARTED,
     libvirt.VIR_DOMAIN_EVENT_RESUMED: LifecycleKind.RESUMED,
     libvirt.VIR_DOMAIN_EVENT_SUSPENDED: LifecycleKind.SUSPENDED,
@@ -208,26 +211,49 @@ class LibvirtHypervisor:
         def lifecycle(
             _conn: Any, dom: Any, event: int, detail: int, _opaque: Any
         ) -> None:
-            ref = DomainRef(uuid=dom.UUIDString(), name=dom.name())
-            self._domains[ref.uuid] = dom
+            ref = self._remember(dom)
             kind = _LIFECYCLE_KINDS.get(event, LifecycleKind.OTHER)
             on_event(LifecycleEvent(ref, kind, event, detail))
+
+        def balloon(_conn: Any, dom: Any, actual: int, _opaque: Any) -> None:
+            on_event(BalloonChanged(self._remember(dom), int(actual)))
+
+        def metadata(_conn: Any, dom: Any, _kind: int, _uri: Any, _opaque: Any) -> None:
+            on_event(MetadataChanged(self._remember(dom)))
 
         def closed(_conn: Any, reason: int, _opaque: Any) -> None:
             on_event(ConnectionLost(reason=_close_reason(reason)))
 
-        callback_id = await self._call(
-            "domainEventRegisterAny",
-            lambda: self._conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
-            ),
+        await self._register_domain_event(
+            libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle
         )
-        self._callback_ids.append(callback_id)
+        # Drivers without these events (the test driver emits no balloon
+        # events) still work: changes are then seen when sampling.
+        with contextlib.suppress(Unsupported):
+            await self._register_domain_event(
+                libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, balloon
+            )
+        with contextlib.suppress(Unsupported):
+            await self._register_domain_event(
+                libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, metadata
+            )
         await self._call(
             "registerCloseCallback",
             lambda: self._conn.registerCloseCallback(closed, None),
         )
         self._close_callback_set = True
+
+    async def _register_domain_event(self, event_id: int, callback: Any) -> None:
+        callback_id = await self._call(
+            "domainEventRegisterAny",
+            lambda: self._conn.domainEventRegisterAny(None, event_id, callback, None),
+        )
+        self._callback_ids.append(callback_id)
+
+    def _remember(self, dom: Any) -> DomainRef:
+        ref = DomainRef(uuid=dom.UUIDString(), name=dom.name())
+        self._domains[ref.uuid] = dom
+        return ref
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -320,7 +346,14 @@ class LibvirtHypervisor:
             available=_optional_kib(stats, "available"),
             usable=_optional_kib(stats, "usable"),
             last_update=int(last_update) if last_update is not None else None,
+            swap_in=_optional_kib(stats, "swap_in"),
+            major_fault=_optional_kib(stats, "major_fault"),
         )
+
+    async def domain_xml(self, domain: DomainRef) -> str:
+        dom = await self._domain(domain)
+        xml: str = await self._call("XMLDesc", lambda: dom.XMLDesc(0), domain.uuid)
+        return xml
 
     async def set_target(self, domain: DomainRef, kib: int) -> None:
         dom = await self._domain(domain)

@@ -6,10 +6,17 @@ import time
 from typing import Any
 
 from balloonctl.config import Settings
-from balloonctl.domain import sample_from, thresholds_from
+from balloonctl.domain import sample_from
+from balloonctl.domain_policy import resolve
 from balloonctl.errors import HypervisorError
-from balloonctl.hypervisor import DomainRef, DomainState, HostMemory, Hypervisor
-from balloonctl.policy import decide
+from balloonctl.hypervisor import (
+    DomainRef,
+    DomainState,
+    HostMemory,
+    Hypervisor,
+    MemoryStats,
+)
+from balloonctl.policy import History, decide
 from balloonctl.units import format_size
 
 
@@ -17,39 +24,72 @@ from balloonctl.units import format_size
 class PlanRow:
     domain: DomainRef
     state: str
+    status: str = "managed"
+    metric: str | None = None
+    floor_kib: int | None = None
     actual_kib: int | None = None
     unused_kib: int | None = None
+    usable_kib: int | None = None
     maximum_kib: int | None = None
     action: str = "none"
     target_kib: int | None = None
-    release_kib: int = 0
+    change_kib: int = 0
     reason: str = ""
 
 
-async def plan_domain(hv: Hypervisor, domain: DomainRef, settings: Settings) -> PlanRow:
+def _history_for(stats: MemoryStats, now: float) -> History:
+    """Build the history a one-shot pass can know: when the report was made.
+
+    QEMU's last_update is the host's wall-clock time of the guest's latest
+    report, so its age tells whether the statistics are stale. The running
+    controller's own memory (pending requests, stuck balloons, grace after a
+    manual change) is not visible to a separate process.
+    """
+    if stats.last_update is None:
+        return History()
+    age = max(time.time() - stats.last_update, 0.0)
+    return History(report_time=stats.last_update, report_seen_at=now - age)
+
+
+async def plan_domain(
+    hv: Hypervisor, domain: DomainRef, settings: Settings, host_available: int | None
+) -> PlanRow:
     """Decide for one domain as the controller would now, without acting."""
     try:
+        policy = resolve(domain.name, await hv.domain_xml(domain), settings)
+        if not policy.managed:
+            return PlanRow(domain, "-", status=policy.state, reason=policy.reason)
+        assert policy.params is not None
         info = await hv.domain_info(domain)
         if info.state is not DomainState.RUNNING:
             return PlanRow(domain, info.state.value, reason="domain not running")
         stats = await hv.memory_stats(domain)
     except HypervisorError as exc:
-        return PlanRow(domain, "error", reason=str(exc))
+        return PlanRow(domain, "error", status="error", reason=str(exc))
 
-    sample = sample_from(stats, info.maximum_kib, time.monotonic())
-    decision = decide(sample, None, thresholds_from(settings))
+    now = time.monotonic()
+    sample = sample_from(stats, info.maximum_kib, now)
+    decision, _history = decide(
+        sample, _history_for(stats, now), policy.params, host_available
+    )
     reason = decision.reason.value
     if decision.missing:
         reason += f" (missing: {', '.join(decision.missing)})"
+    if decision.invalid:
+        reason += f" ({'; '.join(decision.invalid)})"
     return PlanRow(
         domain,
         info.state.value,
+        status="stale" if decision.stale else "managed",
+        metric=policy.params.metric.value,
+        floor_kib=policy.params.floor(info.maximum_kib),
         actual_kib=stats.actual,
         unused_kib=stats.unused,
+        usable_kib=stats.usable,
         maximum_kib=info.maximum_kib,
         action=decision.action.value,
         target_kib=decision.target,
-        release_kib=decision.release,
+        change_kib=decision.change,
         reason=reason,
     )
 
@@ -58,11 +98,12 @@ async def make_plan(
     hv: Hypervisor, settings: Settings
 ) -> tuple[list[PlanRow], HostMemory | None]:
     domains = await hv.list_active_domains()
-    rows = [await plan_domain(hv, domain, settings) for domain in domains]
     try:
-        host = await hv.host_memory()
+        host: HostMemory | None = await hv.host_memory()
     except HypervisorError:
         host = None
+    available = host.available_kib if host is not None else None
+    rows = [await plan_domain(hv, domain, settings, available) for domain in domains]
     return sorted(rows, key=lambda row: row.domain.name), host
 
 
@@ -94,8 +135,12 @@ def render_table(
     header = (
         "DOMAIN",
         "STATE",
+        "STATUS",
+        "METRIC",
+        "FLOOR",
         "ACTUAL",
         "UNUSED",
+        "USABLE",
         "MAXIMUM",
         "ACTION",
         "TARGET",
@@ -107,8 +152,12 @@ def render_table(
             (
                 row.domain.name,
                 row.state,
+                row.status,
+                row.metric or "-",
+                _size(row.floor_kib),
                 _size(row.actual_kib),
                 _size(row.unused_kib),
+                _size(row.usable_kib),
                 _size(row.maximum_kib),
                 row.action,
                 _size(row.target_kib),

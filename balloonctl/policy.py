@@ -1,7 +1,28 @@
-"""The release decision: a pure function of one sample and the last request.
+"""The balloon decision: a pure function of one sample and a domain's history.
 
-Nothing here performs I/O or reads a clock; the caller passes the time in.
-All sizes are KiB.
+``decide`` takes what was just read from a domain, what the policy remembers
+about that domain, the domain's parameters and the host's available memory,
+and returns a decision together with the updated history. Nothing here
+performs I/O or reads a clock; the caller passes the time in. All sizes are
+KiB and all times are seconds.
+
+The rules, in order of precedence:
+
+1. Figures that are missing or contradict each other: do nothing.
+2. A balloon that made no progress toward the requested target for
+   ``stuck_periods`` periods: pull the target back to ``actual`` and back
+   off exponentially.
+3. Free memory under ``min_unused``, or swap-ins or a burst of major faults
+   since the previous report: grant memory at once to restore the buffer
+   plus ``grow_margin`` (fast rise).
+4. Free memory above ``min_unused``: release at most ``max_release`` a step,
+   never below the floor, and not during the cooldown after a grant, during
+   the grace period after a manual change or while statistics are stale
+   (slow fall).
+
+A change is only decided on a report that the guest made after the previous
+request, and once that request has been carried out or ``SETTLE_PERIODS``
+periods have passed.
 """
 
 import dataclasses
@@ -12,43 +33,85 @@ import enum
 # reached.
 TARGET_TOLERANCE_KIB = 1024
 
-# After a request, act again at the latest after this many stats periods,
-# even if the balloon has not reached the target.
+# After a request, decide again at the latest after this many periods, even
+# if the balloon has not reached the target.
 SETTLE_PERIODS = 3
+
+# Statistics whose last_update has not advanced for more than this many
+# periods are stale.
+STALE_PERIODS = 3
+
+# A stuck balloon is retried after period * 2**n, with n capped here
+# (64 periods, about 5 minutes at the default 5 s period).
+MAX_BACKOFF_EXPONENT = 6
+
+
+class Metric(enum.Enum):
+    """Which guest figure counts as free memory."""
+
+    UNUSED = "unused"  # MemFree: memory the guest does not use at all
+    USABLE = "usable"  # MemAvailable: also counts reclaimable page cache
 
 
 class Action(enum.Enum):
     RELEASE = "release"
+    GRANT = "grant"
+    RESET = "reset"  # pull a stuck target back to the balloon's actual size
     KEEP = "keep"
 
 
 class Reason(enum.Enum):
-    """Why a decision came out the way it did; values appear in logs."""
+    """Why a decision came out the way it did; the values appear in logs."""
 
-    RELEASE = "unused_above_buffer"
-    WITHIN_BUFFER = "unused_within_buffer"
+    RELEASE = "free_above_buffer"
+    GRANT = "free_below_buffer"
+    DISTRESS = "guest_distress"
+    WITHIN_BUFFER = "free_within_buffer"
     RELEASE_TOO_SMALL = "release_below_min_release"
+    AT_FLOOR = "at_floor"
+    AT_MAXIMUM = "at_maximum"
+    NO_HOST_HEADROOM = "no_host_headroom"
+    COOLDOWN = "release_cooldown"
+    MANUAL_GRACE = "manual_change_grace"
     STATS_UNAVAILABLE = "stats_unavailable"
     STATS_INVALID = "stats_invalid"
+    STATS_STALE = "stats_stale"
     TARGET_NOT_REACHED = "target_not_reached"
     NO_NEW_REPORT = "no_new_report"
+    STUCK = "balloon_stuck"
+    STUCK_BACKOFF = "stuck_backoff"
 
 
 @dataclasses.dataclass(frozen=True)
-class Thresholds:
+class Params:
+    """One domain's effective policy parameters."""
+
     min_unused: int
     max_release: int
     min_release: int
+    grow_margin: int
+    floor_min: int
+    floor_percent: float
+    host_reserve: int
     stats_period: float
+    release_cooldown_periods: int = 6
+    stuck_periods: int = 3
+    manual_grace_s: float = 600.0
+    distress_major_faults: int = 100
+    metric: Metric = Metric.UNUSED
+
+    def floor(self, maximum: int) -> int:
+        """Return the lowest target allowed for a domain of ``maximum`` KiB."""
+        return max(self.floor_min, int(maximum * self.floor_percent / 100))
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One reading of a running domain's memory.
 
-    ``actual`` and ``unused`` are None when libvirt did not report them, which
-    means unknown, never zero. ``last_update`` is the guest's own timestamp of
-    its statistics (seconds), or None where the driver provides no usable one.
+    A figure that libvirt did not report is None, which means unknown, never
+    zero. ``last_update`` is the guest's own timestamp of its statistics, or
+    None where the driver provides no usable one.
     """
 
     actual: int | None
@@ -56,6 +119,10 @@ class Sample:
     maximum: int
     last_update: int | None
     taken_at: float
+    usable: int | None = None
+    available: int | None = None
+    swap_in: int | None = None
+    major_fault: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +132,24 @@ class Request:
     target: int
     requested_at: float
     last_update: int | None
+    grant: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class History:
+    """What the policy remembers about one domain between samples."""
+
+    request: Request | None = None
+    last_actual: int | None = None
+    progress_at: float | None = None
+    last_grant_at: float | None = None
+    report_time: int | None = None
+    report_seen_at: float | None = None
+    swap_in: int | None = None
+    major_fault: int | None = None
+    manual_until: float | None = None
+    stuck_count: int = 0
+    retry_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,69 +157,320 @@ class Decision:
     action: Action
     reason: Reason
     target: int | None = None
-    release: int = 0
+    change: int = 0
+    free: int | None = None
+    floor: int | None = None
     missing: tuple[str, ...] = ()
+    invalid: tuple[str, ...] = ()
+    stale: bool = False
+    emergency: bool = False
 
 
-def missing_fields(sample: Sample) -> tuple[str, ...]:
+def note_manual_change(history: History, now: float, params: Params) -> History:
+    """Start the grace period after a balloon change balloonctl did not make."""
+    return dataclasses.replace(
+        history, request=None, manual_until=now + params.manual_grace_s
+    )
+
+
+def missing_fields(sample: Sample, metric: Metric) -> tuple[str, ...]:
     """Return the names of the figures a decision needs but the sample lacks."""
-    names = []
-    if sample.actual is None:
-        names.append("actual")
-    if sample.unused is None:
-        names.append("unused")
-    return tuple(names)
+    needed = {"actual": sample.actual, metric.value: _free(sample, metric)}
+    return tuple(name for name, value in needed.items() if value is None)
 
 
-def decide(sample: Sample, previous: Request | None, limits: Thresholds) -> Decision:
-    """Decide whether to release memory from one domain, and how much.
-
-    The rule: if ``unused`` exceeds ``min_unused``, release
-    ``min(unused - min_unused, max_release)`` by lowering the target to
-    ``actual - release``. A release is only decided on a report that the
-    guest made after the previous request, and once that request has been
-    carried out or ``SETTLE_PERIODS`` periods have passed.
-    """
-    missing = missing_fields(sample)
-    if missing:
-        return Decision(Action.KEEP, Reason.STATS_UNAVAILABLE, missing=missing)
-    assert sample.actual is not None and sample.unused is not None
-    actual, unused = sample.actual, sample.unused
-
-    # Figures that contradict each other say nothing reliable about the guest.
-    if unused < 0 or actual <= 0 or unused > actual or actual > sample.maximum:
-        return Decision(Action.KEEP, Reason.STATS_INVALID)
-
-    if previous is not None:
-        waiting = _wait_reason(sample, actual, previous, limits)
-        if waiting is not None:
-            return Decision(Action.KEEP, waiting)
-
-    if unused <= limits.min_unused:
-        return Decision(Action.KEEP, Reason.WITHIN_BUFFER)
-
-    release = min(unused - limits.min_unused, limits.max_release)
-    if release < limits.min_release:
-        return Decision(Action.KEEP, Reason.RELEASE_TOO_SMALL, release=release)
-
-    target = actual - release
-    return Decision(Action.RELEASE, Reason.RELEASE, target=target, release=release)
-
-
-def _wait_reason(
-    sample: Sample, actual: int, previous: Request, limits: Thresholds
-) -> Reason | None:
-    reached = abs(actual - previous.target) <= TARGET_TOLERANCE_KIB
-    settle_time = SETTLE_PERIODS * limits.stats_period
-    if not reached and sample.taken_at - previous.requested_at < settle_time:
-        return Reason.TARGET_NOT_REACHED
-
-    # The guest's figures must postdate the request, or the same free memory
-    # would be released twice.
+def invalid_figures(sample: Sample) -> tuple[str, ...]:
+    """Return each contradiction between the sample's figures, as text."""
+    problems = []
+    if sample.actual is not None and sample.actual <= 0:
+        problems.append(f"actual {sample.actual} KiB is not positive")
+    if sample.actual is not None and sample.actual > sample.maximum:
+        problems.append(
+            f"actual {sample.actual} KiB above maximum {sample.maximum} KiB"
+        )
+    for name in ("unused", "usable"):
+        value = getattr(sample, name)
+        if value is not None and value < 0:
+            problems.append(f"{name} {value} KiB is negative")
+        if value is not None and sample.actual is not None and value > sample.actual:
+            problems.append(f"{name} {value} KiB above actual {sample.actual} KiB")
     if (
-        sample.last_update is not None
-        and previous.last_update is not None
-        and sample.last_update <= previous.last_update
+        sample.usable is not None
+        and sample.available is not None
+        and sample.usable > sample.available
     ):
-        return Reason.NO_NEW_REPORT
+        problems.append(
+            f"usable {sample.usable} KiB above available {sample.available} KiB"
+        )
+    return tuple(problems)
+
+
+def _free(sample: Sample, metric: Metric) -> int | None:
+    return sample.unused if metric is Metric.UNUSED else sample.usable
+
+
+def decide(
+    sample: Sample,
+    history: History,
+    params: Params,
+    host_available: int | None = None,
+) -> tuple[Decision, History]:
+    """Decide what to do with one domain's balloon now.
+
+    ``host_available`` is the host's available memory in KiB, or None when it
+    is unknown, in which case grants are not limited by host headroom.
+    """
+    missing = missing_fields(sample, params.metric)
+    if missing:
+        return Decision(Action.KEEP, Reason.STATS_UNAVAILABLE, missing=missing), history
+    invalid = invalid_figures(sample)
+    if invalid:
+        return Decision(Action.KEEP, Reason.STATS_INVALID, invalid=invalid), history
+
+    history, fresh, stale = _observe(sample, history, params)
+    return _choose(sample, history, params, host_available, fresh, stale)
+
+
+def _observe(
+    sample: Sample, history: History, params: Params
+) -> tuple[History, bool, bool]:
+    """Update the history with this sample; return it, freshness and staleness."""
+    assert sample.actual is not None
+    now = sample.taken_at
+    fresh = (
+        sample.last_update is None
+        or history.report_time is None
+        or sample.last_update > history.report_time
+    )
+    seen_at = now if fresh or history.report_seen_at is None else history.report_seen_at
+    stale = (
+        sample.last_update is not None
+        and now - seen_at > STALE_PERIODS * params.stats_period
+    )
+
+    progress_at = history.progress_at
+    request = history.request
+    if request is not None and history.last_actual is not None:
+        before = abs(history.last_actual - request.target)
+        if abs(sample.actual - request.target) < before - TARGET_TOLERANCE_KIB:
+            progress_at = now
+
+    updated = dataclasses.replace(
+        history,
+        last_actual=sample.actual,
+        progress_at=progress_at,
+        report_time=sample.last_update,
+        report_seen_at=seen_at,
+    )
+    return updated, fresh, stale
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """Figures every decision on one sample reports."""
+
+    free: int
+    floor: int
+    stale: bool
+
+    def decision(self, action: Action, reason: Reason, **fields: object) -> Decision:
+        return Decision(
+            action,
+            reason,
+            free=self.free,
+            floor=self.floor,
+            stale=self.stale,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def keep(self, reason: Reason, **fields: object) -> Decision:
+        return self.decision(Action.KEEP, reason, **fields)
+
+
+def _choose(
+    sample: Sample,
+    history: History,
+    params: Params,
+    host_available: int | None,
+    fresh: bool,
+    stale: bool,
+) -> tuple[Decision, History]:
+    assert sample.actual is not None
+    now = sample.taken_at
+    free = _free(sample, params.metric)
+    assert free is not None
+    context = _Context(free=free, floor=params.floor(sample.maximum), stale=stale)
+    distress, history = _distress(sample, history, params, fresh)
+
+    short = free < params.min_unused or distress
+    request = history.request
+    if request is not None:
+        reached = abs(sample.actual - request.target) <= TARGET_TOLERANCE_KIB
+        moved = history.progress_at == now
+        if history.stuck_count and (reached or moved):
+            history = dataclasses.replace(history, stuck_count=0, retry_at=None)
+        waited = now - request.requested_at
+        settling = not reached and waited < SETTLE_PERIODS * params.stats_period
+        if not reached and not settling and _is_stuck(sample, history, params):
+            return _reset(sample, history, params, context)
+        # The guest's figures must postdate the request, or the same free
+        # memory would be released (or the same shortage granted) twice.
+        new_report = (
+            request.last_update is None
+            or sample.last_update is None
+            or sample.last_update > request.last_update
+        )
+        if not new_report:
+            return context.keep(Reason.NO_NEW_REPORT), history
+        # Fast rise: a guest that runs short does not wait for an earlier
+        # request to settle.
+        if settling and not short:
+            return context.keep(Reason.TARGET_NOT_REACHED), history
+
+    if history.retry_at is not None and now < history.retry_at:
+        return context.keep(Reason.STUCK_BACKOFF), history
+
+    if short:
+        return _grant(sample, history, params, host_available, distress, context)
+    return _release(sample, history, params, context)
+
+
+def _distress(
+    sample: Sample, history: History, params: Params, fresh: bool
+) -> tuple[bool, History]:
+    """Compare swap-in and major-fault counters with the previous fresh report.
+
+    A counter that went down means the guest rebooted, which is a reset and
+    no sign of pressure.
+    """
+    if not fresh:
+        return False, history
+    distress = False
+    if sample.swap_in is not None and history.swap_in is not None:
+        distress = sample.swap_in > history.swap_in
+    if sample.major_fault is not None and history.major_fault is not None:
+        faults = sample.major_fault - history.major_fault
+        distress = distress or faults >= params.distress_major_faults
+    updated = dataclasses.replace(
+        history, swap_in=sample.swap_in, major_fault=sample.major_fault
+    )
+    return distress, updated
+
+
+def _is_stuck(sample: Sample, history: History, params: Params) -> bool:
+    assert history.request is not None
+    since = history.progress_at or history.request.requested_at
+    return sample.taken_at - since >= params.stuck_periods * params.stats_period
+
+
+def _reset(
+    sample: Sample, history: History, params: Params, context: _Context
+) -> tuple[Decision, History]:
+    assert sample.actual is not None
+    count = history.stuck_count + 1
+    exponent = min(count, MAX_BACKOFF_EXPONENT)
+    updated = dataclasses.replace(
+        history,
+        request=None,
+        stuck_count=count,
+        retry_at=sample.taken_at + params.stats_period * 2**exponent,
+    )
+    return context.decision(Action.RESET, Reason.STUCK, target=sample.actual), updated
+
+
+def _grant(
+    sample: Sample,
+    history: History,
+    params: Params,
+    host_available: int | None,
+    distress: bool,
+    context: _Context,
+) -> tuple[Decision, History]:
+    assert sample.actual is not None
+    free = context.free
+    need = max(params.min_unused + params.grow_margin - free, 0)
+    if distress:
+        need = max(need, params.grow_margin)
+    reason = Reason.DISTRESS if distress else Reason.GRANT
+
+    # Swapping, or free memory under half the buffer, cannot wait for the
+    # host: such a grant ignores host_reserve.
+    emergency = distress or free < params.min_unused // 2
+    grant = min(need, sample.maximum - sample.actual)
+    if grant <= 0:
+        return context.keep(Reason.AT_MAXIMUM), history
+    if host_available is not None and not emergency:
+        grant = min(grant, host_available - params.host_reserve)
+        if grant <= 0:
+            return context.keep(Reason.NO_HOST_HEADROOM), history
+
+    # A pending grant that is at least as generous still stands; a smaller
+    # one, or a pending release, is replaced by what the guest needs now.
+    target = sample.actual + grant
+    pending = history.request
+    if pending is not None and pending.grant and pending.target >= target:
+        return context.keep(Reason.TARGET_NOT_REACHED), history
+
+    updated = _requested(history, target, sample, grant=True)
+    decision = context.decision(
+        Action.GRANT, reason, target=target, change=grant, emergency=emergency
+    )
+    return decision, updated
+
+
+def _release_blocker(
+    sample: Sample, history: History, params: Params, context: _Context
+) -> Reason | None:
+    assert sample.actual is not None
+    now = sample.taken_at
+    cooldown = params.release_cooldown_periods * params.stats_period
+    if context.free <= params.min_unused:
+        return Reason.WITHIN_BUFFER
+    if context.stale:
+        return Reason.STATS_STALE
+    if history.manual_until is not None and now < history.manual_until:
+        return Reason.MANUAL_GRACE
+    if history.last_grant_at is not None and now - history.last_grant_at < cooldown:
+        return Reason.COOLDOWN
+    if sample.actual <= context.floor:
+        return Reason.AT_FLOOR
     return None
+
+
+def _release(
+    sample: Sample, history: History, params: Params, context: _Context
+) -> tuple[Decision, History]:
+    assert sample.actual is not None
+    blocker = _release_blocker(sample, history, params, context)
+    if blocker is not None:
+        return context.keep(blocker), history
+
+    above_floor = sample.actual - context.floor
+    release = min(context.free - params.min_unused, params.max_release, above_floor)
+    if release < params.min_release:
+        reason = Reason.AT_FLOOR if release == above_floor else Reason.RELEASE_TOO_SMALL
+        return context.keep(reason, change=release), history
+
+    target = sample.actual - release
+    updated = _requested(history, target, sample, grant=False)
+    decision = context.decision(
+        Action.RELEASE, Reason.RELEASE, target=target, change=release
+    )
+    return decision, updated
+
+
+def _requested(
+    history: History, target: int, sample: Sample, *, grant: bool
+) -> History:
+    request = Request(
+        target=target,
+        requested_at=sample.taken_at,
+        last_update=sample.last_update,
+        grant=grant,
+    )
+    return dataclasses.replace(
+        history,
+        request=request,
+        progress_at=sample.taken_at,
+        last_grant_at=sample.taken_at if grant else history.last_grant_at,
+    )

@@ -33,7 +33,11 @@ class FakeDomain:
     state: DomainState = DomainState.RUNNING
     fail_with: HypervisorError | None = None
     hang: bool = False
+    reports_unused: bool = True
     targets: list[int] = dataclasses.field(default_factory=list)
+    xml: str = (
+        "<domain type='fake'><devices><memballoon model='virtio'/></devices></domain>"
+    )
 
 
 class FakeHypervisor:
@@ -108,8 +112,12 @@ class FakeHypervisor:
 
     async def memory_stats(self, domain: DomainRef) -> MemoryStats:
         found = await self._get(domain)
-        unused = found.actual - found.used
+        unused = found.actual - found.used if found.reports_unused else None
         return MemoryStats(found.actual, unused, found.actual, unused, None)
+
+    async def domain_xml(self, domain: DomainRef) -> str:
+        found = await self._get(domain)
+        return found.xml
 
     async def set_target(self, domain: DomainRef, kib: int) -> None:
         found = await self._get(domain)

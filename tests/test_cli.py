@@ -91,15 +91,28 @@ def test_plan_table_shows_domain_and_reason() -> None:
 
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()[:2]
-    assert header.split()[:5] == ["DOMAIN", "STATE", "ACTUAL", "UNUSED", "MAXIMUM"]
-    assert row.split()[0] == "test"
+    assert header.split() == [
+        "DOMAIN",
+        "STATE",
+        "STATUS",
+        "METRIC",
+        "FLOOR",
+        "ACTUAL",
+        "UNUSED",
+        "USABLE",
+        "MAXIMUM",
+        "ACTION",
+        "TARGET",
+        "REASON",
+    ]
+    assert row.split()[:4] == ["test", "running", "managed", "unused"]
     assert "2.00 GiB" in row
     assert "release" in row
-    assert "unused_above_buffer" in row
+    assert "free_above_buffer" in row
 
 
 def test_plan_json_gives_exact_kib() -> None:
-    result = run("plan", "--uri", "test:///default", "--json", "--min-unused", "2 GiB")
+    result = run("plan", "--uri", "test:///default", "--json", "--min-unused", "1 GiB")
 
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
@@ -109,7 +122,10 @@ def test_plan_json_gives_exact_kib() -> None:
     assert domain["unused_kib"] == 1048576
     assert domain["maximum_kib"] == 8388608
     assert domain["action"] == "keep"
-    assert domain["reason"] == "unused_within_buffer"
+    assert domain["reason"] == "free_within_buffer"
+    assert domain["status"] == "managed"
+    assert domain["metric"] == "unused"
+    assert domain["floor_kib"] == 8388608 // 10
     assert document["host_memory_source"] == "node_free_memory"
 
 

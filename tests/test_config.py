@@ -114,3 +114,54 @@ def test_flag_errors_name_flag_and_value(
 
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def test_domain_sections_and_patterns_are_parsed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'include = ["web-*", "db-*"]\nexclude = "db-test*"\nmetric = "usable"\n'
+        '[domains."web-1"]\nmin_unused = "256 MiB"\nmanaged = true\n'
+        '[domains."db-2"]\nmanaged = false\nfloor_percent = "25%"\n',
+    )
+
+    settings = build_settings(load_file(path), {})
+
+    assert settings.include == ("web-*", "db-*")
+    assert settings.exclude == ("db-test*",)
+    assert settings.metric == "usable"
+    assert settings.domains["web-1"] == {"min_unused": 256 * MIB, "managed": True}
+    assert settings.domains["db-2"] == {"managed": False, "floor_percent": 25.0}
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ('[domains."web-1"]\nmin_unused = "5"\n', ["'web-1'", "'min_unused'", "'5'"]),
+        ('[domains."web-1"]\nuri = "x"\n', ["'web-1'", "'uri'", "is unknown"]),
+        ('domains = "all"\n', ["'domains'", "table"]),
+        ("include = [1]\n", ["'include'", "patterns"]),
+        ("floor_percent = 95\n", ["'floor_percent'", "0 to 90"]),
+        ('metric = "free"\n', ["'metric'", "unused, usable"]),
+        ("stuck_periods = 0\n", ["'stuck_periods'", "1 to 1000"]),
+    ],
+)
+def test_policy_key_errors_name_key_and_value(
+    tmp_path: Path, text: str, fragments: list[str]
+) -> None:
+    path = write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as info:
+        build_settings(load_file(path), {})
+
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_host_reserve_defaults_to_host_warn() -> None:
+    assert (
+        build_settings({}, {"host_warn": "1 GiB"}).effective_host_reserve == 1024 * MIB
+    )
+    assert (
+        build_settings({}, {"host_reserve": "300 MiB"}).effective_host_reserve
+        == 300 * MIB
+    )

@@ -87,6 +87,11 @@ async def running(test_conn: Any, logs: LogCapture) -> AsyncIterator[RunningCont
         yield running
 
 
+# The built-in domain's maximum is 8 GiB, so the default floor (10 % of the
+# maximum) would stop it at 819 MiB; tests of the buffer rule lower the floor.
+LOW_FLOOR = {"floor_min": 64 * MIB, "floor_percent": 0.0}
+
+
 @pytest.fixture
 def small_builtin(test_conn: Any) -> Any:
     """The built-in domain, lowered to 400 MiB so that it converges quickly."""

@@ -84,7 +84,7 @@ async def collect_lines(test_conn: Any, logs: LogCapture) -> list[Line]:
         await running.create("bctl-schema")
         await running.create("bctl-schema-noballoon", balloon=False)
         await logs.wait_event("memory_released", domain="bctl-schema")
-        await logs.wait_event("stats_unavailable", domain="bctl-schema-noballoon")
+        await logs.wait_event("domain_excluded", domain="bctl-schema-noballoon")
         await logs.wait_event("host_memory_low")
         dom = test_conn.lookupByName("bctl-schema")
         await asyncio.to_thread(dom.destroy)
@@ -92,11 +92,13 @@ async def collect_lines(test_conn: Any, logs: LogCapture) -> list[Line]:
 
     fake = FakeHypervisor()
     fake.add("bctl-fake")
+    fake.add("bctl-fake-nodriver", reports_unused=False)
     fake.host_available = 100 * MIB
     controller = Controller(fake, Settings(uri=fake.uri, stats_period=1))
     stop = asyncio.Event()
     task = asyncio.create_task(controller.run(stop))
     await logs.wait_event("host_memory_low", source="fake")
+    await logs.wait_event("stats_unavailable", domain="bctl-fake-nodriver")
     fake.host_available = 4096 * MIB
     await logs.wait_event("host_memory_recovered", timeout=3)
     fake.drop_connection()

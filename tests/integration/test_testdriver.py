@@ -8,7 +8,7 @@ import libvirt
 import pytest
 
 from balloonctl.units import MIB
-from tests.integration.conftest import RunningController, start_controller
+from tests.integration.conftest import LOW_FLOOR, RunningController, start_controller
 from tests.logcapture import LogCapture
 
 pytestmark = pytest.mark.asyncio
@@ -51,7 +51,7 @@ async def test_destroyed_domain_removed_and_task_ends(
 async def test_builtin_domain_shrinks_in_steps_to_buffer(
     small_builtin: Any, test_conn: Any, logs: LogCapture
 ) -> None:
-    async for _running in start_controller(test_conn, logs):
+    async for _running in start_controller(test_conn, logs, **LOW_FLOOR):
         kept = await logs.wait_event(
             "memory_kept", domain="test", timeout=30, reason="release_below_min_release"
         )
@@ -75,7 +75,7 @@ async def test_builtin_domain_shrinks_in_steps_to_buffer(
 async def test_dry_run_changes_nothing(
     small_builtin: Any, test_conn: Any, logs: LogCapture
 ) -> None:
-    async for _running in start_controller(test_conn, logs, dry_run=True):
+    async for _running in start_controller(test_conn, logs, dry_run=True, **LOW_FLOOR):
         release = await logs.wait_event("memory_released", domain="test")
         await asyncio.sleep(1.5)
 
@@ -85,20 +85,18 @@ async def test_dry_run_changes_nothing(
     assert not logs.events("stats_period_set")
 
 
-async def test_domain_without_balloon_is_never_touched(
+async def test_domain_without_balloon_is_excluded(
     running: RunningController,
 ) -> None:
     dom = await running.create("bctl-noballoon", balloon=False)
 
-    warning = await running.logs.wait_event(
-        "stats_unavailable", domain="bctl-noballoon"
-    )
+    excluded = await running.logs.wait_event("domain_excluded", domain="bctl-noballoon")
     await asyncio.sleep(2.5)
 
-    assert warning["level"] == "warning"
-    assert "unused" in warning["missing"]
-    assert len(running.logs.events("stats_unavailable", domain="bctl-noballoon")) == 1
+    assert excluded["reason"] == "memballoon model is none"
+    assert len(running.logs.events("domain_excluded", domain="bctl-noballoon")) == 1
     assert not running.logs.events("memory_released", domain="bctl-noballoon")
+    assert not running.logs.events("stats_period_set", domain="bctl-noballoon")
     assert dom.info()[2] == 512 * 1024
 
 
