@@ -2,12 +2,13 @@
 
 import dataclasses
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from balloonctl.units import MIB, SizeError, parse_size
+from balloonctl.units import MIB, SizeError, parse_size, shorten
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -41,6 +42,7 @@ class Settings:
     stuck_periods: int = 3
     manual_grace: float = 600.0
     distress_major_faults: int = 100
+    grant_slack: int = 4 * MIB
     metric: str = "unused"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -71,10 +73,9 @@ def _parse_period(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("expected whole seconds, such as 5")
     if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ValueError("expected whole seconds, such as 5") from None
+        if not re.fullmatch(r"[0-9]{1,6}", value.strip()):
+            raise ValueError("expected whole seconds, such as 5")
+        value = int(value.strip())
     if not isinstance(value, int) or not 1 <= value <= 3600:
         raise ValueError("expected whole seconds from 1 to 3600")
     return value
@@ -97,7 +98,7 @@ def _parse_timeout(value: object) -> float:
 
 def _parse_count(low: int, high: int) -> Callable[[object], int]:
     def parse(value: object) -> int:
-        if isinstance(value, str) and value.strip().isdecimal():
+        if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value.strip()):
             value = int(value.strip())
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected a whole number from {low} to {high}")
@@ -178,6 +179,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "stuck_periods": _parse_count(1, 1000),
     "manual_grace": _parse_grace,
     "distress_major_faults": _parse_count(1, 10**9),
+    "grant_slack": _parse_size,
     "metric": _choice(METRICS),
     "include": _parse_patterns,
     "exclude": _parse_patterns,
@@ -222,9 +224,33 @@ def load_file(path: Path) -> dict[str, Any]:
     where = f"config file {str(path)!r}"
     raw = dict(raw)
     sections = raw.pop("domains", {})
+    _reject_quoted_numbers(raw, where)
     values = _validate(raw, lambda key: f"{where}: key {key!r}")
     values["domains"] = _validate_domains(sections, where)
     return values
+
+
+# Keys whose TOML value must be a number; flags arrive as strings instead.
+NUMERIC_KEYS = frozenset(
+    {
+        "stats_period",
+        "call_timeout",
+        "floor_percent",
+        "release_cooldown",
+        "stuck_periods",
+        "manual_grace",
+        "distress_major_faults",
+    }
+)
+
+
+def _reject_quoted_numbers(raw: Mapping[str, object], where: str) -> None:
+    for key, value in raw.items():
+        if key in NUMERIC_KEYS and isinstance(value, str):
+            raise ConfigError(
+                f"{where}: key {key!r}: invalid value {shorten(value)}: "
+                f"expected a number without quotes, such as {key} = 5"
+            )
 
 
 def _validate_domains(sections: object, where: str) -> dict[str, dict[str, Any]]:
@@ -236,7 +262,8 @@ def _validate_domains(sections: object, where: str) -> dict[str, dict[str, Any]]
     for name, section in sections.items():
         label = f"{where}: [domains.{name!r}]"
         if not isinstance(section, dict):
-            raise ConfigError(f"{label} must be a table, got {section!r}")
+            raise ConfigError(f"{label} must be a table, got {shorten(section)}")
+        _reject_quoted_numbers(section, label)
         domains[name] = _validate(section, _naming(label), DOMAIN_KEYS)
     return domains
 
@@ -263,7 +290,9 @@ def _validate(
         try:
             values[key] = parser(value)
         except ValueError as exc:
-            raise ConfigError(f"{where(key)}: invalid value {value!r}: {exc}") from exc
+            raise ConfigError(
+                f"{where(key)}: invalid value {shorten(value)}: {exc}"
+            ) from exc
     return values
 
 

@@ -4,6 +4,7 @@ Everything inside balloonctl counts memory in KiB, the unit libvirt uses for
 domain memory and node memory statistics.
 """
 
+import decimal
 import re
 
 KIB = 1
@@ -12,11 +13,20 @@ GIB = 1024 * MIB
 TIB = 1024 * GIB
 
 _UNITS = {"kib": KIB, "mib": MIB, "gib": GIB, "tib": TIB}
-_SIZE_RE = re.compile(r"^\s*(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[A-Za-z]*)\s*$")
+# ASCII digits only: Python's \d also matches other scripts' digits.
+_SIZE_RE = re.compile(
+    r"^\s*(?P<number>[0-9]{1,20}(?:\.[0-9]{1,20})?)\s*(?P<unit>[A-Za-z]*)\s*$"
+)
 
 
 class SizeError(ValueError):
     """A size string that cannot be parsed."""
+
+
+def shorten(value: object, limit: int = 60) -> str:
+    """Return ``repr(value)``, cut to ``limit`` characters for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_size(text: str) -> int:
@@ -28,24 +38,27 @@ def parse_size(text: str) -> int:
     match = _SIZE_RE.match(text)
     if match is None:
         raise SizeError(
-            f"invalid size {text!r}: expected a number and a unit, such as '100 MiB'"
+            f"invalid size {shorten(text)}: expected a number and a unit, "
+            "such as '100 MiB'"
         )
 
     number, unit = match.group("number"), match.group("unit")
     if not unit:
         raise SizeError(
-            f"invalid size {text!r}: a unit is required (KiB, MiB, GiB or TiB), "
+            f"invalid size {shorten(text)}: a unit is required (KiB, MiB, GiB or TiB), "
             f"for example '{number} MiB'"
         )
     factor = _UNITS.get(unit.lower())
     if factor is None:
         raise SizeError(
-            f"invalid size {text!r}: unknown unit {unit!r}; use KiB, MiB, GiB or TiB"
+            f"invalid size {shorten(text)}: unknown unit {shorten(unit)}; "
+            "use KiB, MiB, GiB or TiB"
         )
 
-    kib = float(number) * factor
-    if kib != int(kib):
-        raise SizeError(f"invalid size {text!r}: not a whole number of KiB")
+    # Decimal keeps large and fractional sizes exact, unlike float.
+    kib = decimal.Decimal(number) * factor
+    if kib != kib.to_integral_value():
+        raise SizeError(f"invalid size {shorten(text)}: not a whole number of KiB")
     return int(kib)
 
 

@@ -62,6 +62,7 @@ def test_flags_override_file(tmp_path: Path) -> None:
         ('max_release = "5 MB"\n', ["'max_release'", "unknown unit 'MB'"]),
         ("stats_period = 0\n", ["'stats_period'", "from 1 to 3600"]),
         ('stats_period = "soon"\n', ["'stats_period'", "'soon'"]),
+        ('stats_period = "5"\n', ["'stats_period'", "'5'", "without quotes"]),
         ("stats_period = 1.5\n", ["'stats_period'", "1.5"]),
         ('dry_run = "yes"\n', ["'dry_run'", "true or false"]),
         ('log_level = "loud"\n', ["'log_level'", "'loud'", "debug, info"]),
@@ -121,7 +122,7 @@ def test_domain_sections_and_patterns_are_parsed(tmp_path: Path) -> None:
         tmp_path,
         'include = ["web-*", "db-*"]\nexclude = "db-test*"\nmetric = "usable"\n'
         '[domains."web-1"]\nmin_unused = "256 MiB"\nmanaged = true\n'
-        '[domains."db-2"]\nmanaged = false\nfloor_percent = "25%"\n',
+        '[domains."db-2"]\nmanaged = false\nfloor_percent = 25\n',
     )
 
     settings = build_settings(load_file(path), {})

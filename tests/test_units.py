@@ -30,6 +30,9 @@ def test_parse_size_accepts(text: str, kib: int) -> None:
         ("", "expected a number and a unit"),
         ("0.5 KiB", "not a whole number of KiB"),
         ("1e3 MiB", "expected a number and a unit"),
+        ("9" * 400 + " MiB", "expected a number and a unit"),
+        ("\u0665 MiB", "expected a number and a unit"),
+        ("1.9999999999999999 KiB", "not a whole number of KiB"),
     ],
 )
 def test_parse_size_rejects(text: str, message: str) -> None:
@@ -37,7 +40,7 @@ def test_parse_size_rejects(text: str, message: str) -> None:
         parse_size(text)
 
     assert message in str(info.value)
-    assert repr(text) in str(info.value)
+    assert repr(text)[:40] in str(info.value)
 
 
 @pytest.mark.parametrize(
