@@ -26,7 +26,7 @@ from balloonctl.config import (
 from balloonctl.controller import ConnectFailed, Controller
 from balloonctl.errors import HypervisorError
 from balloonctl.libvirt_adapter import LibvirtHypervisor, silence_libvirt_stderr
-from balloonctl.logs import configure_logging
+from balloonctl.logs import configure_logging, stop_log_writer
 from balloonctl.plan import make_plan, render_json, render_table
 from balloonctl.units import format_size
 
@@ -94,7 +94,7 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             flag,
             metavar="SIZE",
-            help=f"{text}; a size with a unit: KiB, MiB or GiB "
+            help=f"{text}; a size with a unit: KiB, MiB, GiB or TiB "
             f"(default {format_size(default)})",
         )
     parser.add_argument(
@@ -223,17 +223,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         silence_libvirt_stderr()
         return asyncio.run(_plan(settings, args.json))
 
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, threaded=True)
     silence_libvirt_stderr()
-    return _run(settings)
+    try:
+        return _run(settings)
+    finally:
+        stop_log_writer()
+
+
+_early_signals: list[int] = []
+
+
+def _record_early_signal(signum: int, _frame: object) -> None:
+    _early_signals.append(signum)
 
 
 def _run(settings: Settings) -> int:
+    # A signal that arrives before the event loop runs is kept, not lost.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _record_early_signal)
     hypervisor = LibvirtHypervisor(settings.uri, call_timeout=settings.call_timeout)
     try:
         code = asyncio.run(_serve(hypervisor, settings))
     finally:
         hypervisor.shutdown_threads()
+        # The shutdown already runs; a repeated signal must not kill it.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
 
     if hypervisor.busy_calls():
         # A thread stuck in libvirt cannot be interrupted, and the interpreter
@@ -241,6 +257,7 @@ def _run(settings: Settings) -> int:
         structlog.stdlib.get_logger("balloonctl").warning(
             "exit_with_calls_in_flight", calls=hypervisor.busy_calls()
         )
+        stop_log_writer()
         sys.stdout.flush()
         os._exit(code)
     return code
@@ -251,6 +268,9 @@ async def _serve(hypervisor: LibvirtHypervisor, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _ignore_sighup)
+    if _early_signals:
+        stop.set()
 
     controller = Controller(hypervisor, settings)
     try:
@@ -262,6 +282,14 @@ async def _serve(hypervisor: LibvirtHypervisor, settings: Settings) -> int:
         _error(f"cannot connect to {settings.uri!r}: {exc}")
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _ignore_sighup() -> None:
+    structlog.stdlib.get_logger("balloonctl").warning(
+        "signal_ignored",
+        signal="SIGHUP",
+        reason="configuration reload is not supported; restart to apply a change",
+    )
 
 
 async def _plan(settings: Settings, as_json: bool) -> int:
@@ -279,5 +307,9 @@ async def _plan(settings: Settings, as_json: bool) -> int:
         hypervisor.shutdown_threads()
 
     render = render_json if as_json else render_table
-    print(render(rows, host, settings))
+    try:
+        print(render(rows, host, settings), flush=True)
+    except BrokenPipeError:
+        # The reader (``plan | head``) went away, which is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK

@@ -10,6 +10,7 @@ the list of active domains.
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -46,11 +47,21 @@ class _Entry:
 
 @dataclasses.dataclass(frozen=True)
 class _DomainGone:
+    """A task found its domain gone; ``worker`` tells which task reported."""
+
     domain: DomainRef
     reason: str
+    worker: DomainWorker | None = None
 
 
-_QueueItem = HypervisorEvent | _DomainGone
+@dataclasses.dataclass(frozen=True)
+class _Restart:
+    """Replace a crashed task, or the host watch when ``domain`` is None."""
+
+    domain: DomainRef | None
+
+
+_QueueItem = HypervisorEvent | _DomainGone | _Restart
 
 
 class Controller:
@@ -95,7 +106,10 @@ class Controller:
         self._connected = True
 
         try:
-            await self._reconcile()
+            try:
+                await self._reconcile()
+            except HypervisorError as exc:
+                raise ConnectFailed(f"listing domains failed: {exc}") from exc
             self._start_host_watch()
             self._log_started()
             await self._dispatch_until(stop)
@@ -137,7 +151,13 @@ class Controller:
         if isinstance(item, ConnectionLost):
             await self._reconnect(item.reason, stop)
         elif isinstance(item, _DomainGone):
-            self._remove(item.domain, item.reason)
+            entry = self._entries.get(item.domain.uuid)
+            # A report from an older task must not remove a newer one for
+            # a domain that was restarted with the same uuid.
+            if entry is not None and item.worker in (None, entry.worker):
+                self._remove(item.domain, item.reason)
+        elif isinstance(item, _Restart):
+            self._restart(item.domain)
         elif isinstance(item, BalloonChanged):
             entry = self._entries.get(item.domain.uuid)
             if entry is not None:
@@ -178,22 +198,45 @@ class Controller:
             self._settings,
             memory,
             host=self._host,
-            on_gone=lambda ref, why: self._enqueue(_DomainGone(ref, why)),
+            on_gone=self._on_gone,
             on_disconnected=lambda why: self._enqueue(ConnectionLost(why)),
             clock=self._clock,
         )
         task = asyncio.create_task(worker.run(), name=f"domain {domain.name}")
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(functools.partial(self._task_done, domain))
         self._entries[domain.uuid] = _Entry(worker, task)
         self._log.info("domain_added", domain=domain.name, uuid=domain.uuid)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _on_gone(self, domain: DomainRef, reason: str) -> None:
+        entry = self._entries.get(domain.uuid)
+        worker = entry.worker if entry is not None else None
+        self._enqueue(_DomainGone(domain, reason, worker))
+
+    def _task_done(self, domain: DomainRef | None, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
             return
-        # A bug in a worker must not end the service silently.
+        # A bug in a task must not leave a domain, or the host, unwatched:
+        # log it and start a new task one period later.
         self._log.error(
-            "domain_task_crashed", task=task.get_name(), exc_info=task.exception()
+            "task_crashed",
+            task=task.get_name(),
+            restart_in_s=self._settings.stats_period,
+            exc_info=task.exception(),
         )
+        loop = asyncio.get_running_loop()
+        loop.call_later(self._settings.stats_period, self._enqueue, _Restart(domain))
+
+    def _restart(self, domain: DomainRef | None) -> None:
+        if not self._connected:
+            return  # reconnecting rebuilds every task
+        if domain is None:
+            if self._host_task is not None and self._host_task.done():
+                self._start_host_watch()
+            return
+        entry = self._entries.get(domain.uuid)
+        if entry is not None and entry.task.done():
+            del self._entries[domain.uuid]
+            self._ensure(domain)
 
     def _remove(self, domain: DomainRef, reason: str) -> None:
         entry = self._entries.pop(domain.uuid, None)
@@ -227,6 +270,7 @@ class Controller:
             view=self._host,
         )
         self._host_task = asyncio.create_task(watch.run(), name="host watch")
+        self._host_task.add_done_callback(functools.partial(self._task_done, None))
 
     async def _cancel_tasks(self) -> None:
         tasks = [entry.task for entry in self._entries.values()]

@@ -54,8 +54,9 @@ def sample_from(stats: MemoryStats, maximum_kib: int, taken_at: float) -> Sample
 def is_foreign_change(history: History, actual: int) -> bool:
     """Tell whether a new ``actual`` is a balloon move balloonctl did not ask for.
 
-    A move toward the pending target is ours; any other move by more than the
-    tolerance, including one while no request is pending, is not.
+    A move toward the pending target that does not overshoot it is ours. Any
+    other move by more than the tolerance, including one while no request is
+    pending, is not.
     """
     last = history.last_actual
     if last is None or abs(actual - last) <= TARGET_TOLERANCE_KIB:
@@ -63,7 +64,10 @@ def is_foreign_change(history: History, actual: int) -> bool:
     request = history.request
     if request is None:
         return True
-    return abs(actual - request.target) > abs(last - request.target)
+    if abs(actual - request.target) > abs(last - request.target):
+        return True
+    overshoot = (actual - request.target) * (last - request.target) < 0
+    return overshoot and abs(actual - request.target) > TARGET_TOLERANCE_KIB
 
 
 @dataclasses.dataclass
@@ -184,7 +188,8 @@ class DomainWorker:
     def _record_failure(self, exc: HypervisorError, period: float) -> float:
         self._failures += 1
         level = logging.WARNING if self._failures == 1 else logging.DEBUG
-        backoff: float = period * 2 ** (self._failures - 1)
+        # The exponent is capped so that a long outage cannot overflow it.
+        backoff: float = period * 2 ** min(self._failures - 1, 16)
         delay = min(backoff, max(MAX_BACKOFF_S, period))
         self._log.log(
             level,

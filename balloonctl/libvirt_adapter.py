@@ -141,6 +141,7 @@ class LibvirtHypervisor:
         self._conn: Any = None
         self._domains: dict[str, Any] = {}
         self._in_flight: dict[str, concurrent.futures.Future[Any]] = {}
+        self._running: set[concurrent.futures.Future[Any]] = set()
         self._callback_ids: list[int] = []
         self._close_callback_set = False
         self._driver_type = ""
@@ -151,7 +152,7 @@ class LibvirtHypervisor:
 
     def busy_calls(self) -> int:
         """Return how many calls are still running in worker threads."""
-        return sum(1 for future in self._in_flight.values() if not future.done())
+        return sum(1 for future in self._running if not future.done())
 
     async def _call(
         self,
@@ -172,6 +173,8 @@ class LibvirtHypervisor:
 
         limit = self._call_timeout if limit_s is None else limit_s
         future = self._pool.submit(func)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
         if key:
             self._in_flight[key] = future
         result = asyncio.wrap_future(future)

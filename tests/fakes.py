@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import itertools
 
-from balloonctl.errors import Disconnected, DomainGone, HypervisorError
+from balloonctl.errors import Disconnected, DomainGone
 from balloonctl.hypervisor import (
     ConnectionLost,
     DomainInfo,
@@ -31,7 +31,7 @@ class FakeDomain:
     maximum: int = 2048 * MIB
     used: int = 300 * MIB
     state: DomainState = DomainState.RUNNING
-    fail_with: HypervisorError | None = None
+    fail_with: Exception | None = None
     hang: bool = False
     reports_unused: bool = True
     targets: list[int] = dataclasses.field(default_factory=list)

@@ -173,3 +173,39 @@ def test_sigint_exits_0() -> None:
     assert process.returncode == 0
     assert "Traceback" not in stderr
     assert json.loads(stdout.splitlines()[-1])["event"] == "controller_stopped"
+
+
+def test_sighup_is_logged_and_ignored() -> None:
+    process = subprocess.Popen(
+        [*BALLOONCTL, "run", "--uri", "test:///default", "--stats-period", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if json.loads(line)["event"] == "controller_started":
+            break
+    process.send_signal(signal.SIGHUP)
+    for line in process.stdout:
+        if json.loads(line)["event"] == "signal_ignored":
+            break
+    process.send_signal(signal.SIGTERM)
+    _stdout, stderr = process.communicate(timeout=5)
+
+    assert process.returncode == 0
+    assert "Traceback" not in stderr
+
+
+def test_plan_into_closed_pipe_exits_0() -> None:
+    plan = subprocess.Popen(
+        [*BALLOONCTL, "plan", "--uri", "test:///default"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert plan.stdout is not None
+    plan.stdout.close()
+    _stdout, stderr = plan.communicate(timeout=20)
+
+    assert plan.returncode == 0
+    assert b"Traceback" not in stderr

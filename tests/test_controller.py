@@ -135,3 +135,43 @@ async def test_vanished_domain_is_forgotten_once(
         assert len(logs.events("domain_removed", domain="alpha")) == 1
         assert "alpha" not in {ref.name for ref in controller.domains}
     assert not logs.events("domain_call_failed")
+
+
+async def test_crashed_task_is_logged_and_replaced(
+    fake: FakeHypervisor, logs: LogCapture
+) -> None:
+    alpha = next(iter(fake.domains.values()))
+    alpha.fail_with = RuntimeError("bug in a worker")
+
+    async for controller in run_controller(fake, logs):
+        crashed = await logs.wait_event("task_crashed", task="domain alpha")
+        alpha.fail_with = None
+        await logs.wait_for(
+            lambda line: (
+                line["event"] == "memory_released" and line.get("domain") == "alpha"
+            ),
+            timeout=5,
+        )
+        assert controller.task_count() == 2
+
+    assert crashed["level"] == "error"
+    assert "bug in a worker" in crashed["exception"]
+    assert len(logs.events("domain_added", domain="alpha")) == 2
+
+
+async def test_report_from_old_task_keeps_new_task(
+    fake: FakeHypervisor, logs: LogCapture
+) -> None:
+    async for controller in run_controller(fake, logs):
+        alpha = next(iter(fake.domains.values()))
+        fake.emit(alpha, LifecycleKind.STOPPED)
+        await logs.wait_event("domain_removed", domain="alpha")
+        fake.emit(alpha, LifecycleKind.STARTED)
+        await logs.wait_event("stats_period_set", domain="alpha", timeout=3)
+        old_worker = object()
+        controller._enqueue(
+            controller_module._DomainGone(alpha.ref, "domain gone", old_worker)  # type: ignore[arg-type]
+        )
+        await asyncio.sleep(0.1)
+
+        assert "alpha" in {ref.name for ref in controller.domains}

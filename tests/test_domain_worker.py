@@ -1,0 +1,51 @@
+from balloonctl.config import Settings
+from balloonctl.domain import DomainMemory, DomainWorker, HostView, is_foreign_change
+from balloonctl.errors import HypervisorError
+from balloonctl.policy import History, Request
+from balloonctl.units import MIB
+from tests.fakes import FakeHypervisor
+
+
+def test_backoff_stays_capped_after_many_failures() -> None:
+    fake = FakeHypervisor()
+    domain = fake.add("alpha")
+    worker = DomainWorker(
+        fake,
+        domain.ref,
+        Settings(stats_period=5),
+        DomainMemory(),
+        host=HostView(),
+        on_gone=lambda ref, why: None,
+        on_disconnected=lambda why: None,
+    )
+    worker._failures = 5000
+
+    delay = worker._record_failure(HypervisorError("still failing"), 5.0)
+
+    assert delay == 60.0
+
+
+def test_move_toward_pending_target_is_ours() -> None:
+    history = History(request=Request(400 * MIB, 0.0, None), last_actual=500 * MIB)
+
+    assert not is_foreign_change(history, 450 * MIB)
+
+
+def test_move_while_nothing_pending_is_foreign() -> None:
+    assert is_foreign_change(History(last_actual=200 * MIB), 450 * MIB)
+
+
+def test_move_away_from_target_is_foreign() -> None:
+    history = History(request=Request(400 * MIB, 0.0, None), last_actual=500 * MIB)
+
+    assert is_foreign_change(history, 520 * MIB)
+
+
+def test_overshooting_target_is_foreign() -> None:
+    history = History(request=Request(400 * MIB, 0.0, None), last_actual=500 * MIB)
+
+    assert is_foreign_change(history, 350 * MIB)
+
+
+def test_jitter_within_tolerance_is_ignored() -> None:
+    assert not is_foreign_change(History(last_actual=200 * MIB), 200 * MIB + 100)
