@@ -5,7 +5,10 @@ libvirt-python and libvirtaio use) pass through the same processors and the
 same renderer, so every line has ``timestamp``, ``level`` and ``event``.
 """
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
 from typing import Any, TextIO
 
@@ -30,10 +33,48 @@ def choose_format(log_format: str, stream: TextIO) -> str:
     return "console" if isatty is not None and isatty() else "json"
 
 
+# Lines waiting for a slow reader; past this many, new lines are dropped and
+# counted rather than blocking the event loop or growing without bound.
+QUEUE_LINES = 10_000
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Render on the caller's thread, queue the line, drop it if full."""
+
+    def __init__(self, lines: "queue.Queue[logging.LogRecord]") -> None:
+        super().__init__(lines)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def stop_log_writer() -> None:
+    """Write out queued lines and stop the writer thread, if one runs."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
 def configure_logging(
-    log_format: str = "auto", level: str = "info", stream: TextIO | None = None
+    log_format: str = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    threaded: bool = False,
 ) -> None:
-    """Route structlog and stdlib logging to ``stream`` (stdout by default)."""
+    """Route structlog and stdlib logging to ``stream`` (stdout by default).
+
+    With ``threaded``, a writer thread does the writing, so a log reader that
+    stops reading (a full pipe) cannot block the event loop.
+    """
     output = stream if stream is not None else sys.stdout
     renderer: Processor
     if choose_format(log_format, output) == "json":
@@ -49,8 +90,15 @@ def configure_logging(
             renderer,
         ],
     )
-    handler = logging.StreamHandler(output)
+    stop_log_writer()
+    handler: logging.Handler = logging.StreamHandler(output)
     handler.setFormatter(formatter)
+    if threaded:
+        writer = handler
+        writer.setFormatter(logging.Formatter("%(message)s"))
+        handler = _DroppingQueueHandler(queue.Queue(QUEUE_LINES))
+        handler.setFormatter(formatter)
+        _start_writer(handler, writer)
 
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -68,6 +116,15 @@ def configure_logging(
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+def _start_writer(
+    source: logging.handlers.QueueHandler, writer: logging.Handler
+) -> None:
+    global _listener
+    _listener = logging.handlers.QueueListener(source.queue, writer)
+    _listener.start()
+    atexit.register(stop_log_writer)
 
 
 def get_logger(**bound: Any) -> structlog.stdlib.BoundLogger:

@@ -1,10 +1,16 @@
 import io
 import json
 import logging
+import time
 
 import structlog
 
-from balloonctl.logs import choose_format, configure_logging, get_logger
+from balloonctl.logs import (
+    choose_format,
+    configure_logging,
+    get_logger,
+    stop_log_writer,
+)
 
 
 class Terminal(io.StringIO):
@@ -75,3 +81,38 @@ def test_console_format_is_not_json() -> None:
     assert "domain_added" in text
     assert "domain=web1" in text
     assert not text.lstrip().startswith("{")
+
+
+def test_threaded_writer_delivers_every_line() -> None:
+    stream = io.StringIO()
+    configure_logging("json", "info", stream, threaded=True)
+
+    for number in range(50):
+        get_logger().info("memory_kept", number=number)
+    stop_log_writer()
+
+    numbers = [json.loads(raw)["number"] for raw in stream.getvalue().splitlines()]
+    assert numbers == list(range(50))
+
+
+def test_threaded_writer_does_not_block_on_stalled_reader() -> None:
+    import threading
+
+    release = threading.Event()
+
+    class Stalled(io.StringIO):
+        def write(self, text: str) -> int:
+            release.wait(5)
+            return super().write(text)
+
+    stream = Stalled()
+    configure_logging("json", "info", stream, threaded=True)
+    started = time.monotonic()
+    for number in range(100):
+        get_logger().info("memory_kept", number=number)
+    elapsed = time.monotonic() - started
+    release.set()
+    stop_log_writer()
+
+    assert elapsed < 1.0
+    assert len(stream.getvalue().splitlines()) == 100
