@@ -63,6 +63,7 @@ def global_params(settings: Settings) -> Params:
         manual_grace_s=settings.manual_grace,
         distress_major_faults=settings.distress_major_faults,
         metric=Metric(settings.metric),
+        grant_slack=settings.grant_slack,
     )
 
 

@@ -12,7 +12,8 @@ The rules, in order of precedence:
 2. A balloon that made no progress toward the requested target for
    ``stuck_periods`` periods: pull the target back to ``actual`` and back
    off exponentially.
-3. Free memory under ``min_unused``, or swap-ins or a burst of major faults
+3. Free memory under ``min_unused`` (by more than ``grant_slack``), or
+   swap-ins or a burst of major faults
    since the previous report: grant memory at once to restore the buffer
    plus ``grow_margin`` (fast rise).
 4. Free memory above ``min_unused``: release at most ``max_release`` a step,
@@ -99,6 +100,10 @@ class Params:
     manual_grace_s: float = 600.0
     distress_major_faults: int = 100
     metric: Metric = Metric.UNUSED
+    # A guest released down to the buffer drifts a little below it as its
+    # kernel allocates; grants start only this far below, so that drift does
+    # not start a grant-and-release cycle.
+    grant_slack: int = 4 * 1024
 
     def floor(self, maximum: int) -> int:
         """Return the lowest target allowed for a domain of ``maximum`` KiB."""
@@ -302,7 +307,7 @@ def _choose(
     context = _Context(free=free, floor=params.floor(sample.maximum), stale=stale)
     distress, history = _distress(sample, history, params, fresh)
 
-    short = free < params.min_unused or distress
+    short = free < params.min_unused - params.grant_slack or distress
     request = history.request
     if request is not None:
         reached = abs(sample.actual - request.target) <= TARGET_TOLERANCE_KIB

@@ -213,6 +213,13 @@ def test_short_guest_gets_buffer_plus_margin_at_once() -> None:
     assert history.last_grant_at == 100.0
 
 
+def test_drift_just_under_buffer_is_not_granted() -> None:
+    decision, _ = decide(sample(unused=100 * MIB - 116), History(), PARAMS)
+
+    assert decision.action is Action.KEEP
+    assert decision.reason is Reason.WITHIN_BUFFER
+
+
 def test_grant_capped_at_maximum() -> None:
     decision, _ = decide(
         sample(actual=4 * GIB - 10 * MIB, unused=50 * MIB), History(), PARAMS

@@ -7,6 +7,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from balloonctl.domain_policy import NAMESPACE
 from balloonctl.units import MIB
 from tests.integration.conftest import LOW_FLOOR, RunningController, start_controller
 from tests.logcapture import LogCapture
@@ -171,3 +172,63 @@ async def test_stop_is_never_lost_while_calls_complete(
         async for _running in start_controller(test_conn, logs):
             await logs.wait_event("stats_period_set", domain="test")
         assert logs.events("controller_stopped")
+
+
+async def test_metadata_change_is_applied_live(running: RunningController) -> None:
+    dom = await running.create("bctl-metadata", memory_mib=1024)
+    await running.logs.wait_event("memory_released", domain="bctl-metadata")
+
+    await asyncio.to_thread(
+        dom.setMetadata,
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        '<policy managed="no"/>',
+        "bctl",
+        NAMESPACE,
+        libvirt.VIR_DOMAIN_AFFECT_LIVE,
+    )
+    excluded = await running.logs.wait_event("domain_excluded", domain="bctl-metadata")
+    actual = dom.memoryStats()["actual"]
+    await asyncio.sleep(2.5)
+    unchanged = dom.memoryStats()["actual"]
+
+    await asyncio.to_thread(
+        dom.setMetadata,
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        "<policy><min_unused>300 MiB</min_unused></policy>",
+        "bctl",
+        NAMESPACE,
+        libvirt.VIR_DOMAIN_AFFECT_LIVE,
+    )
+    applied = await running.logs.wait_for(
+        lambda line: (
+            line["event"] == "policy_applied"
+            and line.get("domain") == "bctl-metadata"
+            and line["min_unused_kib"] == 300 * MIB
+        )
+    )
+
+    assert "metadata" in excluded["reason"]
+    assert unchanged == actual
+    assert applied["sources"] == ["metadata"]
+
+
+async def test_invalid_metadata_leaves_only_that_domain_unmanaged(
+    running: RunningController,
+) -> None:
+    bad = await running.create("bctl-bad-policy")
+    await asyncio.to_thread(
+        bad.setMetadata,
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        "<policy><max_release>fast</max_release></policy>",
+        "bctl",
+        NAMESPACE,
+        libvirt.VIR_DOMAIN_AFFECT_LIVE,
+    )
+    invalid = await running.logs.wait_event("policy_invalid", domain="bctl-bad-policy")
+    good = await running.create("bctl-good-policy")
+    await running.logs.wait_event("memory_released", domain="bctl-good-policy")
+
+    assert invalid["field"] == "max_release"
+    assert invalid["value"] == "fast"
+    assert not [line for line in running.logs.lines if line["level"] == "error"]
+    assert good.UUIDString() in {ref.uuid for ref in running.controller.domains}
