@@ -167,10 +167,10 @@ class Controller:
         else:
             self._on_lifecycle(item)
 
-    def _reload_policy(self, domain: DomainRef) -> None:
+    def _reload_policy(self, domain: DomainRef, *, redefined: bool = False) -> None:
         entry = self._entries.get(domain.uuid)
         if entry is not None:
-            entry.worker.reload_policy()
+            entry.worker.reload_policy(redefined=redefined)
 
     def _on_lifecycle(self, event: LifecycleEvent) -> None:
         domain, kind = event.domain, event.kind
@@ -182,7 +182,7 @@ class Controller:
             if entry is not None:
                 entry.worker.pause()
         elif kind is LifecycleKind.DEFINED:
-            self._reload_policy(domain)
+            self._reload_policy(domain, redefined=True)
         elif kind is LifecycleKind.STOPPED:
             self._remove(
                 domain, f"{kind.value} (event {event.event}, detail {event.detail})"

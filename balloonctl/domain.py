@@ -114,6 +114,8 @@ class DomainWorker:
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._policy: DomainPolicy | None = None
+        self._last_policy: DomainPolicy | None = None
+        self._from_persistent = False
         self._period_set = False
         self._period_failed = False
         self._failures = 0
@@ -137,9 +139,14 @@ class DomainWorker:
             self._log.info("domain_resumed")
         self._resumed.set()
 
-    def reload_policy(self) -> None:
-        """Read the domain's policy again before the next sample."""
+    def reload_policy(self, *, redefined: bool = False) -> None:
+        """Read the domain's policy again before the next sample.
+
+        After a redefinition the metadata comes from the new persistent XML,
+        which libvirt does not copy into the running domain's live XML.
+        """
         self._policy = None
+        self._from_persistent = redefined
 
     def balloon_changed(self, actual_kib: int) -> None:
         """Handle a balloon-change event: start the grace period if not ours."""
@@ -204,8 +211,12 @@ class DomainWorker:
 
     async def _load_policy(self) -> DomainPolicy:
         xml = await self._hv.domain_xml(self.domain)
-        policy = resolve(self.domain.name, xml, self._settings)
-        previous, self._policy = self._policy, policy
+        persistent = None
+        if self._from_persistent:
+            persistent = await self._hv.domain_xml(self.domain, inactive=True)
+        policy = resolve(self.domain.name, xml, self._settings, persistent)
+        self._policy = policy
+        previous, self._last_policy = self._last_policy, policy
         if previous == policy:
             return policy
         if policy.state == "invalid":

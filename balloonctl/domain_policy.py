@@ -133,21 +133,36 @@ def _pattern_exclusion(name: str, settings: Settings) -> str | None:
     return None
 
 
-def resolve(name: str, xml_text: str, settings: Settings) -> DomainPolicy:
-    """Work out whether and how to manage a domain from its XML and the config."""
+def _parse(xml_text: str) -> ET.Element | DomainPolicy:
     if len(xml_text) > MAX_XML_BYTES:
         return DomainPolicy("invalid", reason="domain XML is too large to parse")
     try:
-        root = ET.fromstring(xml_text)
+        return ET.fromstring(xml_text)
     except ET.ParseError as exc:
         return DomainPolicy("invalid", reason=f"domain XML is not valid: {exc}")
 
+
+def resolve(
+    name: str, xml_text: str, settings: Settings, metadata_xml: str | None = None
+) -> DomainPolicy:
+    """Work out whether and how to manage a domain from its XML and the config.
+
+    ``xml_text`` is the live XML, which decides the exclusions. The metadata
+    comes from ``metadata_xml`` when given (the persistent XML of a domain
+    that was just redefined), otherwise from the live XML.
+    """
+    root = _parse(xml_text)
+    if isinstance(root, DomainPolicy):
+        return root
     excluded = exclusion_reason(root)
     if excluded is not None:
         return DomainPolicy("excluded", reason=excluded)
+    metadata_root = root if metadata_xml is None else _parse(metadata_xml)
+    if isinstance(metadata_root, DomainPolicy):
+        return metadata_root
 
     try:
-        metadata = read_metadata(root)
+        metadata = read_metadata(metadata_root)
     except PolicyInvalid as exc:
         return _invalid("metadata", exc)
     section = dict(settings.domains.get(name, {}))

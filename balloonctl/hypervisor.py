@@ -116,8 +116,8 @@ class Hypervisor(Protocol):
 
     async def memory_stats(self, domain: DomainRef) -> MemoryStats: ...
 
-    async def domain_xml(self, domain: DomainRef) -> str:
-        """Return the domain's live XML description."""
+    async def domain_xml(self, domain: DomainRef, *, inactive: bool = False) -> str:
+        """Return the domain's live XML, or with ``inactive`` its persistent one."""
 
     async def set_target(self, domain: DomainRef, kib: int) -> None:
         """Set the live balloon target; the persistent config is not touched."""

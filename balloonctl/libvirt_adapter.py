@@ -353,9 +353,10 @@ class LibvirtHypervisor:
             major_fault=_optional_kib(stats, "major_fault"),
         )
 
-    async def domain_xml(self, domain: DomainRef) -> str:
+    async def domain_xml(self, domain: DomainRef, *, inactive: bool = False) -> str:
         dom = await self._domain(domain)
-        xml: str = await self._call("XMLDesc", lambda: dom.XMLDesc(0), domain.uuid)
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        xml: str = await self._call("XMLDesc", lambda: dom.XMLDesc(flags), domain.uuid)
         return xml
 
     async def set_target(self, domain: DomainRef, kib: int) -> None:

@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import itertools
 
-from balloonctl.errors import Disconnected, DomainGone
+from balloonctl.errors import Disconnected, DomainGone, HypervisorError
 from balloonctl.hypervisor import (
     ConnectionLost,
     DomainInfo,
@@ -34,6 +34,8 @@ class FakeDomain:
     fail_with: Exception | None = None
     hang: bool = False
     reports_unused: bool = True
+    # Targets above this are rejected as libvirt rejects one above maximum.
+    reject_above: int | None = None
     targets: list[int] = dataclasses.field(default_factory=list)
     xml: str = (
         "<domain type='fake'><devices><memballoon model='virtio'/></devices></domain>"
@@ -115,13 +117,15 @@ class FakeHypervisor:
         unused = found.actual - found.used if found.reports_unused else None
         return MemoryStats(found.actual, unused, found.actual, unused, None)
 
-    async def domain_xml(self, domain: DomainRef) -> str:
+    async def domain_xml(self, domain: DomainRef, *, inactive: bool = False) -> str:
         found = await self._get(domain)
         return found.xml
 
     async def set_target(self, domain: DomainRef, kib: int) -> None:
         found = await self._get(domain)
         found.targets.append(kib)
+        if found.reject_above is not None and kib > found.reject_above:
+            raise HypervisorError("cannot set memory higher than max memory", code=8)
         found.actual = kib
 
     async def host_memory(self) -> HostMemory:

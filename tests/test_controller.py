@@ -11,6 +11,7 @@ from balloonctl.config import Settings
 from balloonctl.controller import Controller
 from balloonctl.errors import HypervisorError
 from balloonctl.hypervisor import LifecycleKind
+from balloonctl.units import MIB
 from tests.fakes import FakeHypervisor
 from tests.logcapture import LogCapture
 
@@ -175,3 +176,21 @@ async def test_report_from_old_task_keeps_new_task(
         await asyncio.sleep(0.1)
 
         assert "alpha" in {ref.name for ref in controller.domains}
+
+
+async def test_target_rejected_as_too_large_is_not_retried(
+    logs: LogCapture,
+) -> None:
+    fake = FakeHypervisor()
+    # The guest runs short, so it is granted memory, but libvirt rejects
+    # every target above 1100 MiB.
+    domain = fake.add(
+        "short", actual=1024 * MIB, used=1000 * MIB, reject_above=1100 * MIB
+    )
+
+    async for _controller in run_controller(fake, logs):
+        await logs.wait_event("domain_call_failed", domain="short")
+        await logs.wait_event("target_skipped", domain="short", timeout=8)
+
+    rejected = [kib for kib in domain.targets if kib > 1100 * MIB]
+    assert len(set(rejected)) == len(rejected)

@@ -9,7 +9,12 @@ import pytest
 
 from balloonctl.domain_policy import NAMESPACE
 from balloonctl.units import MIB
-from tests.integration.conftest import LOW_FLOOR, RunningController, start_controller
+from tests.integration.conftest import (
+    LOW_FLOOR,
+    RunningController,
+    domain_xml,
+    start_controller,
+)
 from tests.logcapture import LogCapture
 
 pytestmark = pytest.mark.asyncio
@@ -232,3 +237,25 @@ async def test_invalid_metadata_leaves_only_that_domain_unmanaged(
     assert invalid["value"] == "fast"
     assert not [line for line in running.logs.lines if line["level"] == "error"]
     assert good.UUIDString() in {ref.uuid for ref in running.controller.domains}
+
+
+async def test_redefined_domain_policy_is_read_again(
+    running: RunningController,
+) -> None:
+    xml = domain_xml("bctl-redefined", 1024)
+    dom = await asyncio.to_thread(running.conn.defineXML, xml)
+    try:
+        await asyncio.to_thread(dom.create)
+        await running.logs.wait_event("memory_released", domain="bctl-redefined")
+
+        policy = f"<b:policy xmlns:b='{NAMESPACE}' managed='no'/>"
+        redefined = xml.replace("<devices>", f"<metadata>{policy}</metadata><devices>")
+        await asyncio.to_thread(running.conn.defineXML, redefined)
+        excluded = await running.logs.wait_event(
+            "domain_excluded", domain="bctl-redefined"
+        )
+    finally:
+        await asyncio.to_thread(dom.destroy)
+        await asyncio.to_thread(dom.undefine)
+
+    assert "metadata" in excluded["reason"]
