@@ -18,6 +18,10 @@ METRICS = ("unused", "usable")
 class ConfigError(Exception):
     """An invalid setting; the message names the key or flag and the value."""
 
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -312,17 +316,25 @@ def build_settings(
 
 
 def _check_consistency(settings: Settings) -> None:
-    if settings.min_unused <= 0:
+    check_limits(settings.min_unused, settings.max_release, settings.min_release)
+
+
+def check_limits(min_unused: int, max_release: int, min_release: int) -> None:
+    """Reject buffer and step sizes that cannot work together."""
+    if min_unused <= 0:
         raise ConfigError(
-            f"min_unused must be greater than 0 KiB, got {settings.min_unused} KiB; "
-            "a guest with no free memory left starts killing processes"
+            f"min_unused must be greater than 0 KiB, got {min_unused} KiB; "
+            "a guest with no free memory left starts killing processes",
+            key="min_unused",
         )
-    if settings.max_release <= 0:
+    if max_release <= 0:
         raise ConfigError(
-            f"max_release must be greater than 0 KiB, got {settings.max_release} KiB"
+            f"max_release must be greater than 0 KiB, got {max_release} KiB",
+            key="max_release",
         )
-    if settings.min_release > settings.max_release:
+    if min_release > max_release:
         raise ConfigError(
-            f"min_release ({settings.min_release} KiB) must not exceed "
-            f"max_release ({settings.max_release} KiB); lower min_release"
+            f"min_release ({min_release} KiB) must not exceed "
+            f"max_release ({max_release} KiB); lower min_release",
+            key="min_release",
         )

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from balloonctl.config import DOMAIN_KEYS, ConfigError, Settings
+from balloonctl.config import DOMAIN_KEYS, ConfigError, Settings, check_limits
 from balloonctl.policy import Metric, Params
 
 NAMESPACE = "urn:balloonctl:policy:1"
@@ -202,24 +202,8 @@ def _build_params(settings: Settings, overrides: Mapping[str, Any]) -> Params:
         overrides = {**overrides, "metric": Metric(overrides["metric"])}
     params = dataclasses.replace(params, **overrides)
     try:
-        _check(params)
+        check_limits(params.min_unused, params.max_release, params.min_release)
     except ConfigError as exc:
-        field = str(exc).split(" ", 1)[0]
+        field = exc.key or "policy"
         raise PolicyInvalid(field, str(getattr(params, field, "")), str(exc)) from exc
     return params
-
-
-def _check(params: Params) -> None:
-    if params.min_unused <= 0:
-        raise ConfigError(
-            f"min_unused must be greater than 0 KiB, got {params.min_unused}"
-        )
-    if params.max_release <= 0:
-        raise ConfigError(
-            f"max_release must be greater than 0 KiB, got {params.max_release}"
-        )
-    if params.min_release > params.max_release:
-        raise ConfigError(
-            f"min_release ({params.min_release} KiB) must not exceed "
-            f"max_release ({params.max_release} KiB)"
-        )

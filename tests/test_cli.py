@@ -129,18 +129,28 @@ def test_plan_json_gives_exact_kib() -> None:
     assert document["host_memory_source"] == "node_free_memory"
 
 
-def test_sigterm_exits_0_within_2s() -> None:
-    process = subprocess.Popen(
+def start_run() -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [*BALLOONCTL, "run", "--uri", "test:///default", "--stats-period", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def read_until(process: subprocess.Popen[str], event: str) -> None:
+    """Read the child's JSON lines up to the first ``event``."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        if json.loads(line)["event"] == event:
+            return
+    raise AssertionError(f"the child exited before logging {event}")
+
+
+def test_sigterm_exits_0_within_2s() -> None:
+    process = start_run()
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if json.loads(line)["event"] == "memory_released":
-                break
+        read_until(process, "memory_released")
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=5)
@@ -157,16 +167,8 @@ def test_sigterm_exits_0_within_2s() -> None:
 
 
 def test_sigint_exits_0() -> None:
-    process = subprocess.Popen(
-        [*BALLOONCTL, "run", "--uri", "test:///default", "--stats-period", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if json.loads(line)["event"] == "controller_started":
-            break
+    process = start_run()
+    read_until(process, "controller_started")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=5)
 
@@ -176,20 +178,10 @@ def test_sigint_exits_0() -> None:
 
 
 def test_sighup_is_logged_and_ignored() -> None:
-    process = subprocess.Popen(
-        [*BALLOONCTL, "run", "--uri", "test:///default", "--stats-period", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if json.loads(line)["event"] == "controller_started":
-            break
+    process = start_run()
+    read_until(process, "controller_started")
     process.send_signal(signal.SIGHUP)
-    for line in process.stdout:
-        if json.loads(line)["event"] == "signal_ignored":
-            break
+    read_until(process, "signal_ignored")
     process.send_signal(signal.SIGTERM)
     _stdout, stderr = process.communicate(timeout=5)
 
