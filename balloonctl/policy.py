@@ -12,8 +12,9 @@ The rules, in order of precedence:
 2. A balloon that made no progress toward the requested target for
    ``stuck_periods`` periods: pull the target back to ``actual`` and back
    off exponentially.
-3. Free memory under ``min_unused`` (by more than ``grant_slack``), or
-   swap-ins or a burst of major faults
+3. Available memory (``usable`` where reported, else the free figure) under
+   ``min_unused`` by more than ``grant_slack``, or swap-ins or a burst of
+   major faults
    since the previous report: grant memory at once to restore the buffer
    plus ``grow_margin`` (fast rise).
 4. Free memory above ``min_unused``: release at most ``max_release`` a step,
@@ -305,9 +306,13 @@ def _choose(
     free = _free(sample, params.metric)
     assert free is not None
     context = _Context(free=free, floor=params.floor(sample.maximum), stale=stale)
-    distress, history = _distress(sample, history, params, fresh)
-
-    short = free < params.min_unused - params.grant_slack or distress
+    swapped_in, history = _distress(sample, history, params, fresh)
+    distress = swapped_in is not None
+    # Running short is judged by MemAvailable where the guest reports it:
+    # page cache fills MemFree on any guest that reads files, and the kernel
+    # gives that cache up before the guest runs out of memory.
+    available = sample.usable if sample.usable is not None else free
+    short = available < params.min_unused - params.grant_slack or distress
     request = history.request
     if request is not None:
         reached = abs(sample.actual - request.target) <= TARGET_TOLERANCE_KIB
@@ -332,34 +337,42 @@ def _choose(
         if settling and not short:
             return context.keep(Reason.TARGET_NOT_REACHED), history
 
-    if history.retry_at is not None and now < history.retry_at:
+    # A guest that runs short is not kept waiting by a stuck inflation:
+    # deflating the balloon is what it needs, and that still works.
+    if history.retry_at is not None and now < history.retry_at and not short:
         return context.keep(Reason.STUCK_BACKOFF), history
 
     if short:
-        return _grant(sample, history, params, host_available, distress, context)
+        return _grant(
+            sample, history, params, host_available, available, swapped_in, context
+        )
     return _release(sample, history, params, context)
 
 
 def _distress(
     sample: Sample, history: History, params: Params, fresh: bool
-) -> tuple[bool, History]:
+) -> tuple[int | None, History]:
     """Compare swap-in and major-fault counters with the previous fresh report.
 
-    A counter that went down means the guest rebooted, which is a reset and
-    no sign of pressure.
+    Returns the KiB swapped in since then when the guest is in distress
+    (it swapped in, or took ``distress_major_faults`` major faults), else
+    None. A counter that went down means the guest rebooted, which is a
+    reset and no sign of pressure.
     """
     if not fresh:
-        return False, history
+        return None, history
+    swapped = 0
     distress = False
     if sample.swap_in is not None and history.swap_in is not None:
-        distress = sample.swap_in > history.swap_in
+        swapped = max(sample.swap_in - history.swap_in, 0)
+        distress = swapped > 0
     if sample.major_fault is not None and history.major_fault is not None:
         faults = sample.major_fault - history.major_fault
         distress = distress or faults >= params.distress_major_faults
     updated = dataclasses.replace(
         history, swap_in=sample.swap_in, major_fault=sample.major_fault
     )
-    return distress, updated
+    return (swapped if distress else None), updated
 
 
 def _is_stuck(sample: Sample, history: History, params: Params) -> bool:
@@ -388,19 +401,21 @@ def _grant(
     history: History,
     params: Params,
     host_available: int | None,
-    distress: bool,
+    available: int,
+    swapped_in: int | None,
     context: _Context,
 ) -> tuple[Decision, History]:
     assert sample.actual is not None
-    free = context.free
-    need = max(params.min_unused + params.grow_margin - free, 0)
-    if distress:
-        need = max(need, params.grow_margin)
+    distress = swapped_in is not None
+    need = max(params.min_unused + params.grow_margin - available, 0)
+    if swapped_in is not None:
+        # A guest that swaps needs at least what it swapped back in.
+        need = max(need, params.grow_margin, swapped_in)
     reason = Reason.DISTRESS if distress else Reason.GRANT
 
-    # Swapping, or free memory under half the buffer, cannot wait for the
-    # host: such a grant ignores host_reserve.
-    emergency = distress or free < params.min_unused // 2
+    # Swapping, or available memory under half the buffer, cannot wait for
+    # the host: such a grant ignores host_reserve.
+    emergency = distress or available < params.min_unused // 2
     grant = min(need, sample.maximum - sample.actual)
     if grant <= 0:
         return context.keep(Reason.AT_MAXIMUM), history

@@ -220,6 +220,39 @@ def test_drift_just_under_buffer_is_not_granted() -> None:
     assert decision.reason is Reason.WITHIN_BUFFER
 
 
+def test_page_cache_is_not_a_shortage() -> None:
+    decision, _ = decide(sample(unused=20 * MIB, usable=900 * MIB), History(), PARAMS)
+
+    assert decision.action is Action.KEEP
+    assert decision.reason is Reason.WITHIN_BUFFER
+
+
+def test_low_usable_is_a_shortage_with_unused_metric() -> None:
+    decision, _ = decide(sample(unused=60 * MIB, usable=40 * MIB), History(), PARAMS)
+
+    assert decision.action is Action.GRANT
+    assert decision.change == 100 * MIB + 64 * MIB - 40 * MIB
+
+
+def test_swapping_guest_gets_what_it_swapped_in() -> None:
+    history = History(swap_in=0, major_fault=0, report_time=995)
+
+    decision, _ = decide(
+        sample(unused=0, swap_in=300 * MIB, major_fault=0), history, PARAMS
+    )
+
+    assert decision.reason is Reason.DISTRESS
+    assert decision.change == 300 * MIB
+
+
+def test_short_guest_skips_stuck_backoff() -> None:
+    history = History(stuck_count=2, retry_at=200.0)
+
+    decision, _ = decide(sample(unused=10 * MIB), history, PARAMS)
+
+    assert decision.action is Action.GRANT
+
+
 def test_grant_capped_at_maximum() -> None:
     decision, _ = decide(
         sample(actual=4 * GIB - 10 * MIB, unused=50 * MIB), History(), PARAMS
