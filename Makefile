@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install deps demo test lint typecheck unit e2e guest clean
+.PHONY: install deps demo test lint typecheck unit e2e guest simulate clean
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ e2e: install guest
 # under CI=true) where they cannot run.
 test: lint typecheck
 	$(BIN)/pytest
+
+# Replay the shipped traces through every policy, print the table and redraw
+# docs/img/simulation-*.png.
+simulate: install
+	$(BIN)/balloonctl simulate tests/data/traces/*.csv tests/data/traces/*.jsonl \
+		--plot docs/img/simulation.png
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -28,6 +28,7 @@ from balloonctl.errors import HypervisorError
 from balloonctl.libvirt_adapter import LibvirtHypervisor, silence_libvirt_stderr
 from balloonctl.logs import configure_logging, stop_log_writer
 from balloonctl.plan import make_plan, render_json, render_table
+from balloonctl.simulator import cli as simulator_cli
 from balloonctl.units import format_size
 
 EXIT_OK = 0
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--json", action="store_true", help="print JSON with sizes in KiB"
     )
+    simulator_cli.add_parser(commands)
     return parser
 
 
@@ -212,6 +214,8 @@ def _error(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        return simulator_cli.run(args)
     try:
         settings = load_settings(args)
     except ConfigError as exc:
