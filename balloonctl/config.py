@@ -25,7 +25,7 @@ class ConfigError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything the controller can be told. Sizes are KiB, times seconds."""
+    """All settings of the controller. Sizes are KiB, times seconds."""
 
     uri: str = "qemu:///system"
     stats_period: int = 5
@@ -305,7 +305,7 @@ def build_settings(
 ) -> Settings:
     """Combine defaults, file values and flags (flags win) into Settings.
 
-    ``flag_values`` holds the raw command-line strings of the flags that were
+    ``flag_values`` contains the raw command-line strings of the flags that were
     given; flags that were not given must be absent or None.
     """
     given = {key: value for key, value in flag_values.items() if value is not None}

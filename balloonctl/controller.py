@@ -47,7 +47,7 @@ class _Entry:
 
 @dataclasses.dataclass(frozen=True)
 class _DomainGone:
-    """A task found its domain gone; ``worker`` tells which task reported."""
+    """A task found its domain gone; ``worker`` is the task that reported it."""
 
     domain: DomainRef
     reason: str

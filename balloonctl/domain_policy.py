@@ -5,7 +5,7 @@ winning: a ``<policy>`` element in the domain's own ``<metadata>``, in the
 namespace ``NAMESPACE``; a ``[domains."NAME"]`` section of the config file;
 the global settings. Domains whose memory cannot be ballooned (pinned by a
 passthrough device, locked or backed by huge pages, or with no balloon) are
-excluded whatever the layers say.
+excluded whatever the layers contain.
 """
 
 import dataclasses

@@ -41,7 +41,7 @@ def _history_for(stats: MemoryStats, now: float) -> History:
     """Build the history a one-shot pass can know: when the report was made.
 
     QEMU's last_update is the host's wall-clock time of the guest's latest
-    report, so its age tells whether the statistics are stale. The running
+    report, so its age shows whether the statistics are stale. The running
     controller's own memory (pending requests, stuck balloons, grace after a
     manual change) is not visible to a separate process.
     """

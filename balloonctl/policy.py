@@ -49,7 +49,7 @@ MAX_BACKOFF_EXPONENT = 6
 
 
 class Metric(enum.Enum):
-    """Which guest figure counts as free memory."""
+    """The guest figure that counts as free memory."""
 
     UNUSED = "unused"  # MemFree: memory the guest does not use at all
     USABLE = "usable"  # MemAvailable: also counts reclaimable page cache
@@ -63,7 +63,7 @@ class Action(enum.Enum):
 
 
 class Reason(enum.Enum):
-    """Why a decision came out the way it did; the values appear in logs."""
+    """The cause of a decision; the values appear in logs."""
 
     RELEASE = "free_above_buffer"
     GRANT = "free_below_buffer"
@@ -102,8 +102,8 @@ class Params:
     distress_major_faults: int = 100
     metric: Metric = Metric.UNUSED
     # A guest released down to the buffer drifts a little below it as its
-    # kernel allocates; grants start only this far below, so that drift does
-    # not start a grant-and-release cycle.
+    # kernel allocates. Grants start only this far below the buffer, so the
+    # drift does not start a grant-and-release cycle.
     grant_slack: int = 4 * 1024
 
     def floor(self, maximum: int) -> int:
@@ -143,7 +143,7 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class History:
-    """What the policy remembers about one domain between samples."""
+    """The policy's memory of one domain between samples."""
 
     request: Request | None = None
     last_actual: int | None = None
@@ -424,8 +424,8 @@ def _grant(
         if grant <= 0:
             return context.keep(Reason.NO_HOST_HEADROOM), history
 
-    # A pending grant that is at least as generous still stands; a smaller
-    # one, or a pending release, is replaced by what the guest needs now.
+    # A pending grant that is at least as generous is kept. A smaller one,
+    # or a pending release, is replaced by what the guest needs now.
     target = sample.actual + grant
     pending = history.request
     if pending is not None and pending.grant and pending.target >= target:
