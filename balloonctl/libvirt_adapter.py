@@ -172,6 +172,10 @@ class LibvirtHypervisor:
             raise CallTimedOut(f"{what} skipped: an earlier call is still running")
 
         limit = self._call_timeout if limit_s is None else limit_s
+        # NOTE: libvirt may update its event handles from the thread that
+        # makes a call, so libvirtaio's callbacks can run off the loop
+        # thread. No lost event or hang has been seen here, but libvirtaio
+        # (libvirt-python 12.8) does not document thread safety.
         future = self._pool.submit(func)
         self._running.add(future)
         future.add_done_callback(self._running.discard)

@@ -6,6 +6,7 @@ same renderer, so every line has ``timestamp``, ``level`` and ``event``.
 """
 
 import atexit
+import contextlib
 import logging
 import logging.handlers
 import queue
@@ -52,15 +53,42 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
             self.dropped += 1
 
 
+class _Writer(logging.handlers.QueueListener):
+    """A queue listener whose stop gives up after a few seconds.
+
+    A reader that never reads again must not hold up the process's exit; the
+    writer thread is a daemon thread, so it does not either.
+    """
+
+    def enqueue_sentinel(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self.queue.put(self._sentinel, timeout=5)  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is not None:
+            self.enqueue_sentinel()
+            thread.join(timeout=5)
+            self._thread = None
+
+
 _listener: logging.handlers.QueueListener | None = None
 
 
 def stop_log_writer() -> None:
-    """Write out queued lines and stop the writer thread, if one runs."""
+    """Write out queued lines and stop the writer thread, if one runs.
+
+    Lines dropped because the reader fell behind are counted on stderr.
+    """
     global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    if _listener is None:
+        return
+    _listener.stop()
+    _listener = None
+    for handler in logging.getLogger().handlers:
+        dropped = getattr(handler, "dropped", 0)
+        if dropped:
+            print(f"balloonctl: {dropped} log lines were dropped", file=sys.stderr)
 
 
 def configure_logging(
@@ -122,7 +150,7 @@ def _start_writer(
     source: logging.handlers.QueueHandler, writer: logging.Handler
 ) -> None:
     global _listener
-    _listener = logging.handlers.QueueListener(source.queue, writer)
+    _listener = _Writer(source.queue, writer)
     _listener.start()
     atexit.register(stop_log_writer)
 

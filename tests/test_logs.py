@@ -3,6 +3,7 @@ import json
 import logging
 import time
 
+import pytest
 import structlog
 
 from balloonctl.logs import (
@@ -116,3 +117,30 @@ def test_threaded_writer_does_not_block_on_stalled_reader() -> None:
 
     assert elapsed < 1.0
     assert len(stream.getvalue().splitlines()) == 100
+
+
+def test_dropped_lines_are_counted_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    from balloonctl import logs
+
+    release = threading.Event()
+
+    class Stalled(io.StringIO):
+        def write(self, text: str) -> int:
+            release.wait(5)
+            return super().write(text)
+
+    monkeypatch.setattr(logs, "QUEUE_LINES", 5)
+    stream = Stalled()
+    configure_logging("json", "info", stream, threaded=True)
+    for number in range(50):
+        get_logger().info("memory_kept", number=number)
+    release.set()
+    stop_log_writer()
+
+    written = len(stream.getvalue().splitlines())
+    assert written < 50
+    assert f"{50 - written} log lines were dropped" in capsys.readouterr().err
