@@ -57,6 +57,7 @@ _SETTING_FLAGS = (
     "metric",
     "include",
     "exclude",
+    "state_dir",
 )
 
 
@@ -98,6 +99,12 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
             help=f"{text}; a size with a unit: KiB, MiB, GiB or TiB "
             f"(default {format_size(default)})",
         )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="directory where run records each domain's status for plan "
+        f"(default {defaults.state_dir})",
+    )
     parser.add_argument(
         "--call-timeout",
         metavar="SECONDS",

@@ -51,6 +51,7 @@ class Settings:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     domains: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    state_dir: str = "/run/balloonctl"
 
     @property
     def effective_host_reserve(self) -> int:
@@ -139,6 +140,12 @@ def _parse_grace(value: object) -> float:
     return float(value)
 
 
+def _parse_directory(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a directory path, such as '/run/balloonctl'")
+    return value.strip()
+
+
 def _parse_patterns(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -185,6 +192,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "distress_major_faults": _parse_count(1, 10**9),
     "grant_slack": _parse_size,
     "metric": _choice(METRICS),
+    "state_dir": _parse_directory,
     "include": _parse_patterns,
     "exclude": _parse_patterns,
 }

@@ -10,9 +10,13 @@ the list of active domains.
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import functools
+import logging
+import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -30,6 +34,7 @@ from balloonctl.hypervisor import (
     LifecycleKind,
     MetadataChanged,
 )
+from balloonctl.state import remove_state, state_path, write_state
 
 RECONNECT_INITIAL_S = 1.0
 RECONNECT_MAX_S = 30.0
@@ -81,6 +86,7 @@ class Controller:
         self._entries: dict[str, _Entry] = {}
         self._memory: dict[str, DomainMemory] = {}
         self._host_task: asyncio.Task[None] | None = None
+        self._state_task: asyncio.Task[None] | None = None
         self._host = HostView()
         self._connected = False
         self._log = structlog.stdlib.get_logger("balloonctl").bind(uri=hypervisor.uri)
@@ -111,6 +117,9 @@ class Controller:
             except HypervisorError as exc:
                 raise ConnectFailed(f"listing domains failed: {exc}") from exc
             self._start_host_watch()
+            self._state_task = asyncio.create_task(
+                self._write_state_forever(), name="state writer"
+            )
             self._log_started()
             await self._dispatch_until(stop)
         finally:
@@ -320,8 +329,48 @@ class Controller:
         while not self._queue.empty():
             self._queue.get_nowait()
 
+    def state_document(self) -> dict[str, Any]:
+        """Return each domain's status as the state file records it."""
+        now = self._clock()
+        domains = {}
+        for uuid, entry in self._entries.items():
+            status, reason = entry.worker.status(now)
+            domains[uuid] = {
+                "domain": entry.worker.domain.name,
+                "status": status,
+                "reason": reason,
+            }
+        return {
+            "uri": self._hv.uri,
+            "pid": os.getpid(),
+            "written_at": datetime.datetime.now(datetime.UTC).isoformat(),
+            "domains": domains,
+        }
+
+    async def _write_state_forever(self) -> None:
+        path = state_path(self._settings.state_dir, self._hv.uri)
+        failing = False
+        try:
+            while True:
+                try:
+                    await asyncio.to_thread(write_state, path, self.state_document())
+                    failing = False
+                except OSError as exc:
+                    level = logging.DEBUG if failing else logging.WARNING
+                    self._log.log(
+                        level, "state_write_failed", path=str(path), error=str(exc)
+                    )
+                    failing = True
+                await asyncio.sleep(self._settings.stats_period)
+        finally:
+            with contextlib.suppress(OSError):
+                remove_state(path)
+
     async def _shutdown(self) -> None:
         count = len(self._entries)
+        if self._state_task is not None:
+            self._state_task.cancel()
+            await asyncio.gather(self._state_task, return_exceptions=True)
         await self._cancel_tasks()
         await self._hv.close()
         self._log.info("controller_stopped", domains=count)

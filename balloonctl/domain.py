@@ -128,6 +128,23 @@ class DomainWorker:
     def policy(self) -> DomainPolicy | None:
         return self._policy
 
+    def status(self, now: float) -> tuple[str, str]:
+        """Return the domain's status for ``balloonctl plan``, and why."""
+        policy = self._policy or self._last_policy
+        if policy is None:
+            return "starting", "policy not read yet"
+        if not policy.managed:
+            return policy.state, policy.reason
+        memory = self._memory
+        if memory.stuck:
+            return "stuck", "the balloon made no progress toward its target"
+        until = memory.history.manual_until
+        if until is not None and now < until:
+            return "grace", f"manual change; releases resume in {until - now:.0f} s"
+        if memory.stale:
+            return "stale", "the guest's statistics stopped advancing"
+        return "managed", ""
+
     def pause(self) -> None:
         """Stop sampling until ``resume``; called for a suspended domain."""
         if self._resumed.is_set():

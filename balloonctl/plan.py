@@ -17,6 +17,7 @@ from balloonctl.hypervisor import (
     MemoryStats,
 )
 from balloonctl.policy import History, decide
+from balloonctl.state import read_state, state_path
 from balloonctl.units import format_size
 
 
@@ -41,9 +42,9 @@ def _history_for(stats: MemoryStats, now: float) -> History:
     """Build the history a one-shot pass can know: when the report was made.
 
     QEMU's last_update is the host's wall-clock time of the guest's latest
-    report, so its age shows whether the statistics are stale. The running
-    controller's own memory (pending requests, stuck balloons, grace after a
-    manual change) is not visible to a separate process.
+    report, so its age shows whether the statistics are stale. Stuck
+    balloons and grace periods come from the running controller's state
+    file instead; its pending requests are not visible here.
     """
     if stats.last_update is None:
         return History()
@@ -103,8 +104,31 @@ async def make_plan(
     except HypervisorError:
         host = None
     available = host.available_kib if host is not None else None
-    rows = [await plan_domain(hv, domain, settings, available) for domain in domains]
+    reported = read_state(state_path(settings.state_dir, settings.uri), settings.uri)
+    rows = []
+    for domain in domains:
+        row = await plan_domain(hv, domain, settings, available)
+        rows.append(_with_reported_status(row, reported.get(domain.uuid)))
     return sorted(rows, key=lambda row: row.domain.name), host
+
+
+def _with_reported_status(row: PlanRow, reported: object) -> PlanRow:
+    """Apply what the running controller knows and a one-shot pass cannot.
+
+    A stuck balloon or a grace period after a manual change means the
+    controller releases nothing now, whatever the figures say.
+    """
+    if not isinstance(reported, dict) or row.status != "managed":
+        return row
+    status = reported.get("status")
+    if status not in ("stuck", "grace"):
+        return row
+    reason = f"{status}: {reported.get('reason', '')} (reported by balloonctl run)"
+    if row.action != "release":
+        return dataclasses.replace(row, status=status, reason=f"{reason}; {row.reason}")
+    return dataclasses.replace(
+        row, status=status, action="keep", target_kib=None, change_kib=0, reason=reason
+    )
 
 
 def render_json(

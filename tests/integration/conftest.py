@@ -8,6 +8,7 @@ lifecycle events. The state is discarded when the last connection closes.
 
 import asyncio
 import dataclasses
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -65,9 +66,13 @@ async def test_conn() -> AsyncIterator[Any]:
 async def start_controller(
     conn: Any, logs: LogCapture, **overrides: Any
 ) -> AsyncIterator[RunningController]:
-    settings = dataclasses.replace(
-        Settings(uri=TEST_URI, stats_period=1, call_timeout=5.0), **overrides
+    base = Settings(
+        uri=TEST_URI,
+        stats_period=1,
+        call_timeout=5.0,
+        state_dir=tempfile.mkdtemp(prefix="bctl-state-"),
     )
+    settings = dataclasses.replace(base, **overrides)
     hypervisor = LibvirtHypervisor(settings.uri, call_timeout=settings.call_timeout)
     controller = Controller(hypervisor, settings)
     stop = asyncio.Event()

@@ -2,6 +2,8 @@
 
 import asyncio
 import datetime
+import json
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -11,6 +13,7 @@ from balloonctl.domain_policy import NAMESPACE
 from balloonctl.units import MIB
 from tests.integration.conftest import (
     LOW_FLOOR,
+    TEST_URI,
     RunningController,
     domain_xml,
     start_controller,
@@ -259,3 +262,33 @@ async def test_redefined_domain_policy_is_read_again(
         await asyncio.to_thread(dom.undefine)
 
     assert "metadata" in excluded["reason"]
+
+
+async def test_state_file_reports_grace_to_plan(
+    test_conn: Any, logs: LogCapture, tmp_path: Path
+) -> None:
+    from balloonctl.config import Settings
+    from balloonctl.plan import make_plan
+    from balloonctl.state import state_path
+
+    dom = test_conn.lookupByName("test")
+    async for running in start_controller(test_conn, logs, state_dir=str(tmp_path)):
+        await logs.wait_event("memory_released", domain="test")
+        await asyncio.sleep(1.2)
+        # A change balloonctl did not request, as an operator's setmem.
+        await asyncio.to_thread(
+            dom.setMemoryFlags, 1536 * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE
+        )
+        await logs.wait_event("manual_change_detected", domain="test")
+        await asyncio.sleep(1.5)
+        document = json.loads(state_path(str(tmp_path), TEST_URI).read_text())
+
+        settings = Settings(uri=TEST_URI, state_dir=str(tmp_path))
+        rows, _host = await make_plan(running.hypervisor, settings)
+
+    (row,) = [row for row in rows if row.domain.name == "test"]
+    assert document["domains"][dom.UUIDString()]["status"] == "grace"
+    assert row.status == "grace"
+    assert row.action == "keep"
+    assert "reported by balloonctl run" in row.reason
+    assert not state_path(str(tmp_path), TEST_URI).exists()
