@@ -1,7 +1,7 @@
 """The running controller's per-domain status, shared with ``balloonctl plan``.
 
-``balloonctl run`` writes a small JSON file once per period; ``plan`` reads
-it to show what only the running controller knows: which balloons are stuck
+``balloonctl run`` writes a small JSON file once per period. ``plan`` reads
+it to show what only the running controller has: which balloons are stuck
 and which domains are in the grace period after a manual change.
 """
 
