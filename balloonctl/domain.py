@@ -167,10 +167,11 @@ class DomainWorker:
 
     def balloon_changed(self, actual_kib: int) -> None:
         """Handle a balloon-change event: start the grace period if not ours."""
-        history = self._memory.history
-        if not is_foreign_change(history, actual_kib) or self._policy is None:
+        policy = self._policy
+        if policy is None or not policy.managed:
             return
-        self._note_manual(actual_kib, "balloon_change_event")
+        if is_foreign_change(self._memory.history, actual_kib):
+            self._note_manual(actual_kib, "balloon_change_event")
 
     def _note_manual(self, actual_kib: int, seen_by: str) -> None:
         assert self._policy is not None and self._policy.params is not None
@@ -284,6 +285,13 @@ class DomainWorker:
         self._report(decision, sample)
         if decision.target is not None and decision.action is not Action.KEEP:
             await self._act(decision, sample)
+        if self._settings.dry_run:
+            # Nothing was requested, so there is nothing to wait for: no
+            # pending target that could look stuck, no cooldown.
+            previous = self._memory.history
+            history = dataclasses.replace(
+                history, request=None, last_grant_at=previous.last_grant_at
+            )
         self._memory.history = history
         if self._memory.stuck and history.stuck_count == 0:
             self._log.info("balloon_recovered", actual_kib=sample.actual)
