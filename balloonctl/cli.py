@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure (such as an unreachable URI),
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import signal
 import sys
@@ -250,6 +251,9 @@ def _record_early_signal(signum: int, _frame: object) -> None:
 
 
 def _run(settings: Settings) -> int:
+    # `kill -USR1 PID` writes every thread's stack to stderr, which shows
+    # where a process that stopped logging is waiting.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # A signal that arrives before the event loop runs is kept, not lost.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _record_early_signal)

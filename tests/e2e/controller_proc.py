@@ -39,7 +39,12 @@ class ControllerProcess:
     def _read(self) -> None:
         assert self._process is not None and self._process.stdout is not None
         for raw in self._process.stdout:
-            line = json.loads(raw)
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                # Keep reading: a line that is not JSON is a finding for the
+                # test to report, not a reason to stop collecting.
+                line = {"event": "_not_json", "level": "error", "text": raw}
             line["_received"] = time.monotonic()
             with self._changed:
                 self.lines.append(line)
@@ -64,14 +69,32 @@ class ControllerProcess:
                         return line
                 seen = len(self.lines)
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (
-                    self._process and self._process.poll() is not None
-                ):
-                    raise AssertionError(
-                        f"no matching log line within {timeout} s; last lines:\n"
-                        + "\n".join(json.dumps(line) for line in self.lines[-15:])
-                    )
+                exited = self._process is not None and self._process.poll() is not None
+                if remaining <= 0 or exited:
+                    break
                 self._changed.wait(min(remaining, 0.5))
+        raise AssertionError(self._describe_failure(timeout))
+
+    def _describe_failure(self, timeout: float) -> str:
+        """Stop the child, with its thread stacks if it still ran, and report."""
+        process = self._process
+        running = process is not None and process.poll() is None
+        if running and process is not None:
+            # balloonctl dumps every thread's stack to stderr on SIGUSR1.
+            process.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+        self.stop()
+        own = [
+            line for line in self.lines if line.get("logger") != "virEventAsyncIOImpl"
+        ]
+        return (
+            f"no matching log line within {timeout} s; balloonctl "
+            f"{'was still running' if running else 'had exited'}; "
+            "last balloonctl lines:\n"
+            + "\n".join(json.dumps(line) for line in own[-15:])
+            + "\nstderr:\n"
+            + self.stderr[-6000:]
+        )
 
     def wait_event(self, name: str, timeout: float = 30.0, **fields: Any) -> Line:
         def matches(line: Line) -> bool:
