@@ -10,7 +10,6 @@ the list of active domains.
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import functools
 import logging
 import os
@@ -22,7 +21,7 @@ import structlog
 
 from balloonctl.config import Settings
 from balloonctl.domain import DomainMemory, DomainWorker, HostView
-from balloonctl.errors import HypervisorError
+from balloonctl.errors import Disconnected, HypervisorError
 from balloonctl.hostwatch import HostWatch
 from balloonctl.hypervisor import (
     BalloonChanged,
@@ -113,6 +112,7 @@ class Controller:
 
         try:
             try:
+                await self._read_host_once()
                 await self._reconcile()
             except HypervisorError as exc:
                 raise ConnectFailed(f"listing domains failed: {exc}") from exc
@@ -270,6 +270,20 @@ class Controller:
         for ref in active:
             self._ensure(ref)
 
+    async def _read_host_once(self) -> None:
+        """Read the host's memory before any domain task can grant.
+
+        Without a reading, a grant would not be limited by host_reserve.
+        """
+        try:
+            memory = await self._hv.host_memory()
+        except Disconnected:
+            raise
+        except HypervisorError as exc:
+            self._log.warning("host_memory_failed", error=str(exc), error_code=exc.code)
+            return
+        self._host.available_kib = memory.available_kib
+
     def _start_host_watch(self) -> None:
         watch = HostWatch(
             self._hv,
@@ -308,6 +322,7 @@ class Controller:
             attempts += 1
             try:
                 await self._hv.connect(self._enqueue)
+                await self._read_host_once()
                 await self._reconcile()
             except HypervisorError as exc:
                 self._log.debug(
@@ -343,7 +358,8 @@ class Controller:
         return {
             "uri": self._hv.uri,
             "pid": os.getpid(),
-            "written_at": datetime.datetime.now(datetime.UTC).isoformat(),
+            "written_at": time.time(),
+            "stats_period_s": self._settings.stats_period,
             "domains": domains,
         }
 

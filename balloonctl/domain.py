@@ -83,9 +83,18 @@ class DomainMemory:
 
 @dataclasses.dataclass
 class HostView:
-    """The host's available memory as last read by the host watch."""
+    """The host's available memory as last read by the host watch.
+
+    Every domain decides against this one figure. A grant is subtracted from
+    it at once, so grants made by several domains before the next reading
+    cannot together take the host under ``host_reserve``.
+    """
 
     available_kib: int | None = None
+
+    def reserve(self, kib: int) -> None:
+        if self.available_kib is not None:
+            self.available_kib -= kib
 
 
 class DomainWorker:
@@ -338,6 +347,8 @@ class DomainWorker:
                     # period, and the same value is not requested again.
                     self._rejected_targets.add(decision.target)
                 raise
+        if decision.action is Action.GRANT:
+            self._host.reserve(decision.change)
         self._log_action(decision, sample)
 
     def _log_action(self, decision: Decision, sample: Sample) -> None:

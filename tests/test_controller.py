@@ -194,3 +194,22 @@ async def test_target_rejected_as_too_large_is_not_retried(
 
     rejected = [kib for kib in domain.targets if kib > 1100 * MIB]
     assert len(set(rejected)) == len(rejected)
+
+
+async def test_grants_share_the_host_reserve(logs: LogCapture) -> None:
+    fake = FakeHypervisor()
+    # 300 MiB available and a 200 MiB reserve leave 100 MiB for all grants,
+    # while each of the four short guests would take 104 MiB.
+    fake.host_available = 300 * MIB
+    guests = [
+        fake.add(f"short{n}", actual=1024 * MIB, used=964 * MIB) for n in range(4)
+    ]
+
+    async for _controller in run_controller(fake, logs):
+        await logs.wait_event("memory_granted")
+        await asyncio.sleep(0.5)
+
+    granted = sum(line["granted_kib"] for line in logs.events("memory_granted"))
+    assert granted <= 100 * MIB
+    assert all(line["emergency"] is False for line in logs.events("memory_granted"))
+    assert sum(len(guest.targets) for guest in guests) >= 1
