@@ -278,6 +278,9 @@ class _Context:
     free: int
     floor: int
     stale: bool
+    # The smaller of free and MemAvailable: a release must not take either
+    # under the buffer, or the next sample would read it as a shortage.
+    spare: int = 0
 
     def decision(self, action: Action, reason: Reason, **fields: object) -> Decision:
         return Decision(
@@ -305,7 +308,12 @@ def _choose(
     now = sample.taken_at
     free = _free(sample, params.metric)
     assert free is not None
-    context = _Context(free=free, floor=params.floor(sample.maximum), stale=stale)
+    context = _Context(
+        free=free,
+        floor=params.floor(sample.maximum),
+        stale=stale,
+        spare=free if sample.usable is None else min(free, sample.usable),
+    )
     swapped_in, history = _distress(sample, history, params, fresh)
     distress = swapped_in is not None
     # Running short is judged by MemAvailable where the guest reports it:
@@ -411,6 +419,8 @@ def _grant(
     if swapped_in is not None:
         # A guest that swaps needs at least what it swapped back in.
         need = max(need, params.grow_margin, swapped_in)
+    # A guest below its floor (an operator set it there) is raised to it.
+    need = max(need, context.floor - sample.actual)
     reason = Reason.DISTRESS if distress else Reason.GRANT
 
     # Swapping, or available memory under half the buffer, cannot wait for
@@ -444,7 +454,7 @@ def _release_blocker(
     assert sample.actual is not None
     now = sample.taken_at
     cooldown = params.release_cooldown_periods * params.stats_period
-    if context.free <= params.min_unused:
+    if context.spare <= params.min_unused:
         return Reason.WITHIN_BUFFER
     if context.stale:
         return Reason.STATS_STALE
@@ -466,7 +476,7 @@ def _release(
         return context.keep(blocker), history
 
     above_floor = sample.actual - context.floor
-    release = min(context.free - params.min_unused, params.max_release, above_floor)
+    release = min(context.spare - params.min_unused, params.max_release, above_floor)
     if release < params.min_release:
         reason = Reason.AT_FLOOR if release == above_floor else Reason.RELEASE_TOO_SMALL
         return context.keep(reason, change=release), history

@@ -253,6 +253,29 @@ def test_short_guest_skips_stuck_backoff() -> None:
     assert decision.action is Action.GRANT
 
 
+def test_release_keeps_memavailable_above_buffer() -> None:
+    decision, _ = decide(sample(unused=300 * MIB, usable=120 * MIB), History(), PARAMS)
+
+    assert decision.action is Action.RELEASE
+    assert decision.change == 20 * MIB
+
+
+def test_no_release_when_memavailable_at_buffer() -> None:
+    decision, _ = decide(sample(unused=300 * MIB, usable=100 * MIB), History(), PARAMS)
+
+    assert decision.action is Action.KEEP
+    assert decision.reason is Reason.WITHIN_BUFFER
+
+
+def test_grant_raises_guest_below_floor_to_floor() -> None:
+    floor = int(4 * GIB * 0.10)
+
+    decision, _ = decide(sample(actual=200 * MIB, unused=10 * MIB), History(), PARAMS)
+
+    assert decision.action is Action.GRANT
+    assert decision.target == floor
+
+
 def test_grant_capped_at_maximum() -> None:
     decision, _ = decide(
         sample(actual=4 * GIB - 10 * MIB, unused=50 * MIB), History(), PARAMS
