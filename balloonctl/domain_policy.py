@@ -72,6 +72,8 @@ def exclusion_reason(root: ET.Element) -> str | None:
     devices = root.find("devices")
     if devices is not None and devices.find("hostdev") is not None:
         return "hostdev passthrough device pins the guest's memory"
+    if devices is not None and devices.find("interface[@type='hostdev']") is not None:
+        return "hostdev interface (SR-IOV passthrough) pins the guest's memory"
     backing = root.find("memoryBacking")
     if backing is not None and backing.find("locked") is not None:
         return "memoryBacking locked pins the guest's memory"

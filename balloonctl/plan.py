@@ -118,7 +118,7 @@ def _with_reported_status(row: PlanRow, reported: object) -> PlanRow:
     A stuck balloon or a grace period after a manual change means the
     controller releases nothing now, whatever the figures say.
     """
-    if not isinstance(reported, dict) or row.status != "managed":
+    if not isinstance(reported, dict) or row.status not in ("managed", "stale"):
         return row
     status = reported.get("status")
     if status not in ("stuck", "grace"):

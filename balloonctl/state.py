@@ -8,6 +8,7 @@ and which domains are in the grace period after a manual change.
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ def remove_state(path: Path) -> None:
 
 
 def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**22:
+        return False  # Linux pids are below 2**22
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -42,19 +43,31 @@ def _alive(pid: object) -> bool:
     return True
 
 
-def read_state(path: Path, uri: str) -> dict[str, dict[str, str]]:
+def _fresh(document: dict[str, Any], now: float) -> bool:
+    """Tell whether the file was written within three of the writer's periods."""
+    written_at, period = document.get("written_at"), document.get("stats_period_s")
+    if not isinstance(written_at, int | float) or not isinstance(period, int | float):
+        return False
+    return 0 <= now - written_at <= 3 * period + 5
+
+
+def read_state(
+    path: Path, uri: str, now: float | None = None
+) -> dict[str, dict[str, str]]:
     """Return the domains' status by uuid, or {} without a live controller.
 
-    A file left by a controller that has exited, or one for another URI, is
-    ignored, and so is one that cannot be read or parsed.
+    A file left by a controller that has exited or stopped writing, or one
+    for another URI, is ignored, and so is one that cannot be read or parsed.
+    ``now`` is the wall-clock time in seconds (default: the current time).
     """
+    now = time.time() if now is None else now
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(document, dict) or document.get("uri") != uri:
         return {}
-    if not _alive(document.get("pid")):
+    if not _alive(document.get("pid")) or not _fresh(document, now):
         return {}
     domains = document.get("domains")
     return domains if isinstance(domains, dict) else {}

@@ -87,6 +87,7 @@ def test_pinned_memory_is_excluded() -> None:
         "hostdev": domain_xml(devices="<hostdev mode='subsystem' type='pci'/>"),
         "locked": domain_xml(backing="<memoryBacking><locked/></memoryBacking>"),
         "hugepages": domain_xml(backing="<memoryBacking><hugepages/></memoryBacking>"),
+        "SR-IOV": domain_xml(devices="<interface type='hostdev'/>"),
     }
     for word, xml in cases.items():
         policy = resolve("web1", xml, Settings())

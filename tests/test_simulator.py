@@ -171,6 +171,8 @@ def test_bad_csv_names_line_and_value(text: str, fragments: list[str]) -> None:
         ('{"time": true, "guest": "a", "demand": "1 MiB"}', ["invalid time True"]),
         ('{"time": 0, "guest": "a", "demand": 300}', ["invalid demand 300"]),
         ('{"time": 0, "guest": 7, "demand": "1 MiB"}', ["invalid guest 7"]),
+        ('{"time": 1' + "0" * 400 + ', "guest": "a", "demand": "1 MiB"}', ["time"]),
+        ('{"time": ' + "9" * 5000 + ', "guest": "a"}', ["invalid JSON"]),
         ('{"time": 0, "guest": "a", "demand": "1 MiB", "cache": "x"}', ["cache"]),
     ],
 )

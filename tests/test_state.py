@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 from balloonctl.state import read_state, remove_state, state_path, write_state
@@ -6,10 +7,12 @@ from balloonctl.state import read_state, remove_state, state_path, write_state
 URI = "qemu:///system"
 
 
-def document(pid: int, uri: str = URI) -> dict[str, object]:
+def document(pid: int, uri: str = URI, age_s: float = 0.0) -> dict[str, object]:
     return {
         "uri": uri,
         "pid": pid,
+        "written_at": time.time() - age_s,
+        "stats_period_s": 5,
         "domains": {"u-1": {"domain": "web1", "status": "grace", "reason": "x"}},
     }
 
@@ -27,6 +30,20 @@ def test_state_of_exited_controller_is_ignored(tmp_path: Path) -> None:
     path = state_path(str(tmp_path), URI)
     # Linux pids stay below 2**22, so this one cannot be running.
     write_state(path, document(2**30))
+
+    assert read_state(path, URI) == {}
+
+
+def test_state_of_silent_controller_is_ignored(tmp_path: Path) -> None:
+    path = state_path(str(tmp_path), URI)
+    write_state(path, document(os.getpid(), age_s=60))
+
+    assert read_state(path, URI) == {}
+
+
+def test_out_of_range_pid_is_ignored(tmp_path: Path) -> None:
+    path = state_path(str(tmp_path), URI)
+    write_state(path, document(2**31))
 
     assert read_state(path, URI) == {}
 

@@ -170,6 +170,9 @@ def _json_row(source: str, number: int, line: str) -> _Row:
         raise TraceError(
             source, number, f"invalid JSON: {exc.msg} at column {exc.colno}"
         ) from None
+    except ValueError as exc:
+        # For example an integer of more than 4300 digits (Python's limit).
+        raise TraceError(source, number, f"invalid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise TraceError(
             source, number, f"expected a JSON object, found {_excerpt(line)}"
@@ -192,6 +195,10 @@ def _json_row(source: str, number: int, line: str) -> _Row:
     if isinstance(time, bool) or not isinstance(time, int | float):
         raise TraceError(
             source, number, f"invalid time {time!r}: expected a number of seconds"
+        )
+    if isinstance(time, int) and abs(time) > 10**15:
+        raise TraceError(
+            source, number, f"invalid time {str(time)[:40]}: too large for seconds"
         )
 
     guest = _parse_guest(source, number, _json_string(source, number, value, "guest"))
