@@ -20,13 +20,13 @@ from balloonctl.errors import (
 )
 from balloonctl.hypervisor import DomainRef, DomainState, Hypervisor, MemoryStats
 from balloonctl.policy import (
-    TARGET_TOLERANCE_KIB,
     Action,
     Decision,
     History,
     Reason,
     Sample,
     decide,
+    is_foreign_change,
     note_manual_change,
 )
 
@@ -49,25 +49,6 @@ def sample_from(stats: MemoryStats, maximum_kib: int, taken_at: float) -> Sample
         swap_in=stats.swap_in,
         major_fault=stats.major_fault,
     )
-
-
-def is_foreign_change(history: History, actual: int) -> bool:
-    """Tell whether a new ``actual`` is a balloon move balloonctl did not ask for.
-
-    A move toward the pending target that does not overshoot it is ours. Any
-    other move by more than the tolerance, including one while no request is
-    pending, is not.
-    """
-    last = history.last_actual
-    if last is None or abs(actual - last) <= TARGET_TOLERANCE_KIB:
-        return False
-    request = history.request
-    if request is None:
-        return True
-    if abs(actual - request.target) > abs(last - request.target):
-        return True
-    overshoot = (actual - request.target) * (last - request.target) < 0
-    return overshoot and abs(actual - request.target) > TARGET_TOLERANCE_KIB
 
 
 @dataclasses.dataclass
@@ -185,8 +166,9 @@ class DomainWorker:
     def _note_manual(self, actual_kib: int, seen_by: str) -> None:
         assert self._policy is not None and self._policy.params is not None
         params = self._policy.params
-        history = note_manual_change(self._memory.history, self._clock(), params)
-        self._memory.history = dataclasses.replace(history, last_actual=actual_kib)
+        self._memory.history = note_manual_change(
+            self._memory.history, self._clock(), params, actual_kib
+        )
         self._log.info(
             "manual_change_detected",
             actual_kib=actual_kib,

@@ -172,11 +172,40 @@ class Decision:
     emergency: bool = False
 
 
-def note_manual_change(history: History, now: float, params: Params) -> History:
-    """Start the grace period after a balloon change balloonctl did not make."""
+def note_manual_change(
+    history: History, now: float, params: Params, actual: int | None = None
+) -> History:
+    """Start the grace period after a balloon change balloonctl did not make.
+
+    ``actual`` is the balloon size the change was seen at; recording it keeps
+    the same change from being detected again at the next sample.
+    """
+    last_actual = history.last_actual if actual is None else actual
     return dataclasses.replace(
-        history, request=None, manual_until=now + params.manual_grace_s
+        history,
+        request=None,
+        manual_until=now + params.manual_grace_s,
+        last_actual=last_actual,
     )
+
+
+def is_foreign_change(history: History, actual: int) -> bool:
+    """Tell whether a new ``actual`` is a balloon move balloonctl did not ask for.
+
+    A move toward the pending target that does not overshoot it is ours. Any
+    other move by more than the tolerance, including one while no request is
+    pending, is not.
+    """
+    last = history.last_actual
+    if last is None or abs(actual - last) <= TARGET_TOLERANCE_KIB:
+        return False
+    request = history.request
+    if request is None:
+        return True
+    if abs(actual - request.target) > abs(last - request.target):
+        return True
+    overshoot = (actual - request.target) * (last - request.target) < 0
+    return overshoot and abs(actual - request.target) > TARGET_TOLERANCE_KIB
 
 
 def missing_fields(sample: Sample, metric: Metric) -> tuple[str, ...]:

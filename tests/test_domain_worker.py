@@ -1,7 +1,7 @@
 from balloonctl.config import Settings
-from balloonctl.domain import DomainMemory, DomainWorker, HostView, is_foreign_change
+from balloonctl.domain import DomainMemory, DomainWorker, HostView
 from balloonctl.errors import HypervisorError
-from balloonctl.policy import History, Request
+from balloonctl.policy import History, Request, is_foreign_change
 from balloonctl.units import MIB
 from tests.fakes import FakeHypervisor
 

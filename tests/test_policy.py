@@ -609,3 +609,11 @@ def test_grant_never_takes_host_under_reserve_unless_emergency(
 
     if decision.action is Action.GRANT and host is not None and not decision.emergency:
         assert host - decision.change >= p.host_reserve
+
+
+def test_manual_change_records_seen_actual() -> None:
+    history = note_manual_change(History(last_actual=1 * GIB), 90.0, PARAMS, 2 * GIB)
+
+    assert history.last_actual == 2 * GIB
+    assert history.request is None
+    assert history.manual_until == 90.0 + PARAMS.manual_grace_s

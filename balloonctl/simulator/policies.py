@@ -10,7 +10,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from balloonctl.config import Settings
-from balloonctl.domain import is_foreign_change
 from balloonctl.domain_policy import global_params
 from balloonctl.policy import (
     Action,
@@ -19,6 +18,7 @@ from balloonctl.policy import (
     Params,
     Sample,
     decide,
+    is_foreign_change,
     note_manual_change,
 )
 from balloonctl.simulator.hostpolicies import MomPolicy, ProxmoxPolicy
@@ -93,8 +93,9 @@ class BalloonctlPolicy:
             )
             history = self.histories.get(guest.name, History())
             if is_foreign_change(history, stats.actual):
-                history = note_manual_change(history, view.time, self.params)
-                history = dataclasses.replace(history, last_actual=stats.actual)
+                history = note_manual_change(
+                    history, view.time, self.params, stats.actual
+                )
             decision, history = decide(sample, history, self.params, view.available)
             self.histories[guest.name] = history
             if decision.action is not Action.KEEP and decision.target is not None:
