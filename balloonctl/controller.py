@@ -2,7 +2,7 @@
 
 libvirt callbacks only put events on a queue. The controller's main loop
 takes them off, starts a task for each running domain, pauses and resumes
-those tasks, and forgets stopped domains. When the connection is lost it
+those tasks, and drops stopped domains. When the connection is lost it
 cancels the tasks, reconnects with backoff and reconciles the registry with
 the list of active domains.
 """

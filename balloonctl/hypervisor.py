@@ -1,6 +1,6 @@
 """The seam between the controller and a hypervisor.
 
-The controller sees only this interface. ``balloonctl.libvirt_adapter``
+The controller uses only this interface. ``balloonctl.libvirt_adapter``
 implements it over libvirt-python; tests may implement it to produce faults
 that a real hypervisor cannot produce on demand. Every method raises only the
 exceptions in ``balloonctl.errors``.

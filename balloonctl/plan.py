@@ -113,7 +113,7 @@ async def make_plan(
 
 
 def _with_reported_status(row: PlanRow, reported: object) -> PlanRow:
-    """Apply what the running controller knows and a one-shot pass cannot.
+    """Apply the running controller's status, which a one-shot pass cannot see.
 
     A stuck balloon or a grace period after a manual change means the
     controller releases nothing now, whatever the figures say.
