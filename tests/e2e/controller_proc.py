@@ -13,6 +13,22 @@ from typing import Any
 
 Line = dict[str, Any]
 
+# A guest has converged when nothing more is worth releasing.
+SETTLED_REASONS = {"free_within_buffer", "release_below_min_release"}
+
+
+def settled(domain: str) -> Callable[[Line], bool]:
+    """Match the line that says ``domain`` has converged to its buffer."""
+
+    def matches(line: Line) -> bool:
+        return (
+            line["event"] == "memory_kept"
+            and line.get("domain") == domain
+            and line["reason"] in SETTLED_REASONS
+        )
+
+    return matches
+
 
 class ControllerProcess:
     """Start ``python -m balloonctl run ARGS`` and collect its log lines."""

@@ -11,13 +11,11 @@ import pytest
 
 from balloonctl.units import MIB
 from tests.e2e import harness
-from tests.e2e.controller_proc import ControllerProcess
+from tests.e2e.controller_proc import SETTLED_REASONS, ControllerProcess, settled
 
 pytestmark = pytest.mark.e2e
 
 PERIOD = "2"
-# A guest has converged when nothing more is worth releasing.
-SETTLED_REASONS = {"free_within_buffer", "release_below_min_release"}
 # The guest's own kernel allocates a little after the last release (about
 # 100 KiB was seen here), so its unused figure may end just under the buffer.
 GUEST_CHURN_KIB = 2 * MIB
@@ -47,15 +45,10 @@ def test_idle_guest_shrinks_to_buffer_then_left_alone(
     with harness.Guest(libvirt_conn, guest_image, "idle") as guest:
         guest.wait_booted()
         with ControllerProcess("--stats-period", PERIOD) as controller:
-            controller.wait_for(
-                lambda line: (
-                    line["event"] == "memory_kept"
-                    and line.get("domain") == guest.name
-                    and line["reason"] in SETTLED_REASONS
-                ),
-                timeout=180,
+            controller.wait_for(settled(guest.name), timeout=180)
+            releases_at_settle = len(
+                controller.events("memory_released", domain=guest.name)
             )
-            settled = len(controller.events("memory_released", domain=guest.name))
             time.sleep(3 * int(PERIOD) + 1)
             releases = controller.events("memory_released", domain=guest.name)
             final = stats(guest)
@@ -68,7 +61,7 @@ def test_idle_guest_shrinks_to_buffer_then_left_alone(
     assert abs(row["actual_kib"] - final["actual"]) <= 1024
     assert row["maximum_kib"] == 512 * MIB
 
-    assert len(releases) == settled
+    assert len(releases) == releases_at_settle
     assert len(releases) >= 4
     for line in releases:
         assert 0 < line["released_kib"] <= 50 * MIB

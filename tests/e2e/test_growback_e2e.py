@@ -9,12 +9,11 @@ import pytest
 from balloonctl.domain_policy import NAMESPACE
 from balloonctl.units import MIB
 from tests.e2e import harness
-from tests.e2e.controller_proc import ControllerProcess, Line
+from tests.e2e.controller_proc import ControllerProcess, settled
 
 pytestmark = pytest.mark.e2e
 
 PERIOD = "2"
-SETTLED_REASONS = {"free_within_buffer", "release_below_min_release"}
 # 25 steps of 10 MiB with 0.4 s between them: 250 MiB in about 10 s.
 FILL_TMPFS = (
     "mkdir -p /mnt/fill && mount -t tmpfs -o size=400m tmpfs /mnt/fill && "
@@ -24,24 +23,13 @@ FILL_TMPFS = (
 )
 
 
-def settled(guest: harness.Guest) -> Any:
-    def matches(line: Line) -> bool:
-        return (
-            line["event"] == "memory_kept"
-            and line.get("domain") == guest.name
-            and line["reason"] in SETTLED_REASONS
-        )
-
-    return matches
-
-
 def test_burst_is_granted_and_guest_survives(
     libvirt_conn: Any, guest_image: harness.GuestImage
 ) -> None:
     with harness.Guest(libvirt_conn, guest_image, "burst") as guest:
         guest.wait_booted()
         with ControllerProcess("--stats-period", PERIOD) as controller:
-            controller.wait_for(settled(guest), timeout=180)
+            controller.wait_for(settled(guest.name), timeout=180)
             shrunk = guest.domain.memoryStats()["actual"]
 
             status, output = guest.run(FILL_TMPFS, timeout=60)
@@ -99,7 +87,7 @@ def test_manual_setmem_not_fought_during_grace(
     with harness.Guest(libvirt_conn, guest_image, "manual") as guest:
         guest.wait_booted()
         with ControllerProcess("--stats-period", PERIOD) as controller:
-            controller.wait_for(settled(guest), timeout=180)
+            controller.wait_for(settled(guest.name), timeout=180)
             subprocess.run(
                 [
                     "virsh",
