@@ -7,6 +7,7 @@ machine that lost its set-up cannot pass by skipping everything.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -35,10 +36,25 @@ def guest_image() -> harness.GuestImage:
     return harness.build_guest_image()
 
 
+# The daemon listens on the system sockets, so two pytest sessions on one
+# machine would share it, and the first to finish would stop it under the
+# other. Each session holds this lock while it has a libvirtd.
+SESSION_LOCK = "/run/lock/balloonctl-e2e.lock"
+
+
 @pytest.fixture(scope="session")
 def libvirtd() -> Iterator[harness.Libvirtd]:
-    """The session's libvirtd, with domains left by earlier runs destroyed."""
+    """The session's libvirtd, with domains left by earlier runs destroyed.
+
+    Waits for any other pytest session on this machine that holds one.
+    """
     require_e2e()
+    with open(SESSION_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield from _session_libvirtd()
+
+
+def _session_libvirtd() -> Iterator[harness.Libvirtd]:
     with harness.Libvirtd() as daemon:
         conn = daemon.connect()
         try:
