@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install deps demo test lint typecheck unit e2e guest simulate clean
+.PHONY: install deps demo test lint typecheck unit e2e guest simulate bench clean
 
 install: $(STAMP)
 
@@ -52,6 +52,12 @@ test: lint typecheck
 simulate: install
 	$(BIN)/balloonctl simulate tests/data/traces/*.csv tests/data/traces/*.jsonl \
 		--plot docs/img/simulation.png
+
+# Speed and scale figures (docs/performance.md), printed and written to
+# $(BENCH_OUT) (default bench-results.json). BENCH='cost memory' runs only
+# those; BENCH_SKIP_REAL=1 skips the real-guest part. About 15 minutes.
+bench: install
+	$(BIN)/python -m tests.bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
