@@ -1,4 +1,4 @@
-"""Command line: ``balloonctl run`` and ``balloonctl plan``.
+"""Command line: ``balloonctl run``, ``plan``, ``check-config`` and ``simulate``.
 
 Exit codes: 0 success, 1 runtime failure (such as an unreachable URI),
 2 bad usage or configuration.
@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure (such as an unreachable URI),
 import argparse
 import asyncio
 import faulthandler
+import json
 import os
 import signal
 import sys
@@ -16,19 +17,16 @@ from pathlib import Path
 import structlog
 
 from balloonctl import __version__
-from balloonctl.config import (
-    LOG_FORMATS,
-    LOG_LEVELS,
-    ConfigError,
-    Settings,
-    build_settings,
-    load_file,
-)
-from balloonctl.controller import ConnectFailed, Controller
+from balloonctl.config import LOG_FORMATS, LOG_LEVELS, ConfigError, Settings
+from balloonctl.controller import ConnectFailed
 from balloonctl.errors import HypervisorError
+from balloonctl.hypervisor import HostMemory
 from balloonctl.libvirt_adapter import LibvirtHypervisor, silence_libvirt_stderr
+from balloonctl.lock import LockFailed, LockHeld
 from balloonctl.logs import configure_logging, stop_log_writer
-from balloonctl.plan import make_plan, render_json, render_table
+from balloonctl.notify import Notifier
+from balloonctl.plan import PlanRow, make_plan, render_json, render_table
+from balloonctl.service import Supervisor, load_settings
 from balloonctl.simulator import cli as simulator_cli
 from balloonctl.units import format_size
 
@@ -65,13 +63,18 @@ _SETTING_FLAGS = (
 def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
     parser.add_argument(
-        "--uri", help=f"libvirt connection URI (default {defaults.uri})"
+        "--uri",
+        action="append",
+        help="libvirt connection URI of a hypervisor to manage; give it once "
+        "per hypervisor, and it replaces the config file's uri and uris "
+        f"(default {defaults.uri})",
     )
     parser.add_argument(
         "--config",
         type=Path,
         metavar="FILE",
-        help="TOML config file; flags given on the command line override it",
+        help="TOML config file; flags given on the command line override it "
+        "(default: none, only flags and built-in defaults)",
     )
     parser.add_argument(
         "--stats-period",
@@ -103,8 +106,8 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
         metavar="DIR",
-        help="directory where run records each domain's status for plan "
-        f"(default {defaults.state_dir})",
+        help="directory of run's lock file and of the status file plan reads, "
+        f"one of each per URI (default {defaults.state_dir})",
     )
     parser.add_argument(
         "--call-timeout",
@@ -166,7 +169,7 @@ def _add_policy_options(parser: argparse.ArgumentParser, defaults: Settings) -> 
             flag,
             metavar="PATTERN",
             action="append",
-            help=f"{text}; shell-style, may be repeated",
+            help=f"{text}; shell-style, may be repeated (default: none)",
         )
 
 
@@ -181,13 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the controller until SIGTERM or SIGINT")
+    run = commands.add_parser(
+        "run",
+        help="manage the guests until SIGTERM or SIGINT; SIGHUP reloads --config",
+        description="Manage the guests of every --uri until SIGTERM or SIGINT. "
+        "SIGHUP reads the --config file again; flags keep precedence over it.",
+    )
     _add_threshold_options(run)
     run.add_argument(
         "--dry-run",
         action="store_const",
         const=True,
-        help="decide and log, but change nothing on any domain",
+        help="decide and log, but change nothing on any domain; the "
+        "connections are read-only and no lock is taken (default: off)",
     )
     run.add_argument(
         "--log-format",
@@ -204,16 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_threshold_options(plan)
     plan.add_argument(
-        "--json", action="store_true", help="print JSON with sizes in KiB"
+        "--json",
+        action="store_true",
+        help="print JSON with sizes in KiB (default: a table)",
     )
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file and exit 0, or 2 with the error run would give",
+    )
+    check.add_argument("file", type=Path, metavar="FILE", help="TOML config file")
     simulator_cli.add_parser(commands)
     return parser
 
 
-def load_settings(args: argparse.Namespace) -> Settings:
-    file_values = load_file(args.config) if args.config is not None else {}
-    flags = {key: getattr(args, key, None) for key in _SETTING_FLAGS}
-    return build_settings(file_values, flags)
+def setting_flags(args: argparse.Namespace) -> dict[str, object]:
+    """Return the settings given as flags, as raw strings, by config key."""
+    flags: dict[str, object] = {key: getattr(args, key, None) for key in _SETTING_FLAGS}
+    uris = flags.pop("uri")
+    if isinstance(uris, list) and len(uris) > 1:
+        flags["uris"] = uris
+    elif isinstance(uris, list):
+        flags["uri"] = uris[0]
+    return flags
 
 
 def _error(message: str) -> None:
@@ -224,8 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
         return simulator_cli.run(args)
+    if args.command == "check-config":
+        return _check_config(args.file)
+    flags = setting_flags(args)
     try:
-        settings = load_settings(args)
+        settings = load_settings(args.config, flags)
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -238,9 +262,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level, threaded=True)
     silence_libvirt_stderr()
     try:
-        return _run(settings)
+        return _run(
+            Supervisor(
+                settings,
+                config=args.config,
+                flags=flags,
+                notifier=Notifier.from_environment(),
+            )
+        )
     finally:
         stop_log_writer()
+
+
+def _check_config(path: Path) -> int:
+    try:
+        settings = load_settings(path, {})
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    hosts = ", ".join(settings.hosts)
+    print(f"{path}: OK (manages {hosts})")
+    return EXIT_OK
 
 
 _early_signals: list[int] = []
@@ -250,81 +292,113 @@ def _record_early_signal(signum: int, _frame: object) -> None:
     _early_signals.append(signum)
 
 
-def _run(settings: Settings) -> int:
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _run(supervisor: Supervisor) -> int:
     # `kill -USR1 PID` writes every thread's stack to stderr, which shows
     # where a process that stopped logging is waiting.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     # A signal that arrives before the event loop runs is kept, not lost.
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP would end the process by default, so until the loop handles it
+    # (a reload) it is ignored.
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, _record_early_signal)
-    hypervisor = LibvirtHypervisor(settings.uri, call_timeout=settings.call_timeout)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log = structlog.stdlib.get_logger("balloonctl")
     try:
-        code = asyncio.run(_serve(hypervisor, settings))
+        supervisor.take_locks()
+    except (LockHeld, LockFailed) as exc:
+        log.error("controller_failed", uri=getattr(exc, "uri", None), error=str(exc))
+        _error(str(exc))
+        return EXIT_FAILURE
+    try:
+        code = asyncio.run(_serve(supervisor))
     finally:
-        hypervisor.shutdown_threads()
+        for hypervisor in supervisor.hypervisors:
+            hypervisor.shutdown_threads()
         # The shutdown already runs; a repeated signal must not kill it.
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (*_STOP_SIGNALS, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
 
-    if hypervisor.busy_calls():
+    busy = sum(hypervisor.busy_calls() for hypervisor in supervisor.hypervisors)
+    if busy:
         # A thread stuck in libvirt cannot be interrupted, and the interpreter
         # would wait for it at exit. Balloon targets stay where they are.
-        structlog.stdlib.get_logger("balloonctl").warning(
-            "exit_with_calls_in_flight", calls=hypervisor.busy_calls()
-        )
+        log.warning("exit_with_calls_in_flight", calls=busy)
         stop_log_writer()
         sys.stdout.flush()
+        # The kernel releases the locks as the process ends.
         os._exit(code)
+    supervisor.release_locks()
     return code
 
 
-async def _serve(hypervisor: LibvirtHypervisor, settings: Settings) -> int:
-    stop = asyncio.Event()
+async def _serve(supervisor: Supervisor) -> int:
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _ignore_sighup)
+    for signum in _STOP_SIGNALS:
+        loop.add_signal_handler(signum, supervisor.stop.set)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.request_reload)
     if _early_signals:
-        stop.set()
+        supervisor.stop.set()
 
-    controller = Controller(hypervisor, settings)
     try:
-        await controller.run(stop)
+        await supervisor.run()
     except ConnectFailed as exc:
+        uris = ", ".join(repr(uri) for uri in supervisor.settings.hosts)
         structlog.stdlib.get_logger("balloonctl").error(
-            "controller_failed", uri=settings.uri, error=str(exc)
+            "controller_failed", uri=supervisor.settings.uri, error=str(exc)
         )
-        _error(f"cannot connect to {settings.uri!r}: {exc}")
+        _error(f"cannot connect to {uris}: {exc}")
         return EXIT_FAILURE
     return EXIT_OK
 
 
-def _ignore_sighup() -> None:
-    structlog.stdlib.get_logger("balloonctl").warning(
-        "signal_ignored",
-        signal="SIGHUP",
-        reason="configuration reload is not supported; restart to apply a change",
-    )
-
-
 async def _plan(settings: Settings, as_json: bool) -> int:
+    hosts = settings.hosts
+    reports = [await _plan_host(settings.for_host(uri)) for uri in hosts]
+    code = EXIT_OK
+    texts = []
+    documents = []
+    for uri, report in zip(hosts, reports, strict=True):
+        if isinstance(report, HypervisorError):
+            _error(f"cannot read {uri!r}: {report}")
+            code = EXIT_FAILURE
+            documents.append({"uri": uri, "error": str(report)})
+            texts.append(f"uri: {uri}\nerror: {report}")
+            continue
+        rows, host = report
+        host_settings = settings.for_host(uri)
+        documents.append(json.loads(render_json(rows, host, host_settings)))
+        table = render_table(rows, host, host_settings)
+        texts.append(f"uri: {uri}\n{table}" if len(hosts) > 1 else table)
+    if len(hosts) == 1 and code != EXIT_OK:
+        return code  # one host: the error alone, as before
+    if as_json:
+        output = json.dumps(
+            documents[0] if len(hosts) == 1 else {"hosts": documents}, indent=2
+        )
+    else:
+        output = "\n\n".join(texts)
+    try:
+        print(output, flush=True)
+    except BrokenPipeError:
+        # The reader (``plan | head``) went away, which is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
+async def _plan_host(
+    settings: Settings,
+) -> tuple[list[PlanRow], HostMemory | None] | HypervisorError:
     hypervisor = LibvirtHypervisor(
         settings.uri, call_timeout=settings.call_timeout, read_only=True
     )
     try:
         await hypervisor.connect(None)
-        rows, host = await make_plan(hypervisor, settings)
+        return await make_plan(hypervisor, settings)
     except HypervisorError as exc:
-        _error(f"cannot read {settings.uri!r}: {exc}")
-        return EXIT_FAILURE
+        return exc
     finally:
         await hypervisor.close()
         hypervisor.shutdown_threads()
-
-    render = render_json if as_json else render_table
-    try:
-        print(render(rows, host, settings), flush=True)
-    except BrokenPipeError:
-        # The reader (``plan | head``) went away, which is not an error.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return EXIT_OK

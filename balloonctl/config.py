@@ -18,9 +18,12 @@ METRICS = ("unused", "usable")
 class ConfigError(Exception):
     """An invalid setting; the message names the key or flag and the value."""
 
-    def __init__(self, message: str, key: str | None = None) -> None:
+    def __init__(
+        self, message: str, key: str | None = None, value: object = None
+    ) -> None:
         super().__init__(message)
         self.key = key
+        self.value = value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +31,9 @@ class Settings:
     """All settings of the controller. Sizes are KiB, times seconds."""
 
     uri: str = "qemu:///system"
+    # Every hypervisor to manage; empty means just ``uri``. build_settings
+    # fills both, with ``uri`` the first of ``uris``.
+    uris: tuple[str, ...] = ()
     stats_period: int = 5
     min_unused: int = 100 * MIB
     max_release: int = 50 * MIB
@@ -57,11 +63,32 @@ class Settings:
     def effective_host_reserve(self) -> int:
         return self.host_warn if self.host_reserve is None else self.host_reserve
 
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Return the URIs of every hypervisor to manage, in the given order."""
+        return self.uris or (self.uri,)
+
+    def for_host(self, uri: str) -> "Settings":
+        """Return these settings for one hypervisor's controller."""
+        return dataclasses.replace(self, uri=uri, uris=(uri,))
+
 
 def _parse_uri(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("expected a libvirt URI such as 'qemu:///system'")
     return value.strip()
+
+
+def _parse_uris(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError("expected a list of libvirt URIs, such as ['qemu:///system']")
+    uris = tuple(_parse_uri(item) for item in value)
+    for index, uri in enumerate(uris):
+        if uri in uris[:index]:
+            raise ValueError(f"{uri!r} is listed twice; list each URI once")
+    return uris
 
 
 def _parse_size(value: object) -> int:
@@ -173,6 +200,7 @@ def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
 
 _PARSERS: dict[str, Callable[[object], Any]] = {
     "uri": _parse_uri,
+    "uris": _parse_uris,
     "stats_period": _parse_period,
     "min_unused": _parse_size,
     "max_release": _parse_size,
@@ -212,6 +240,8 @@ DOMAIN_KEYS: dict[str, Callable[[object], Any]] = {
 
 def flag_name(key: str) -> str:
     """Return the command-line flag that sets config ``key``."""
+    if key == "uris":
+        return "--uri"  # given once per URI
     return "--" + key.replace("_", "-")
 
 
@@ -238,6 +268,13 @@ def load_file(path: Path) -> dict[str, Any]:
     sections = raw.pop("domains", {})
     _reject_quoted_numbers(raw, where)
     values = _validate(raw, lambda key: f"{where}: key {key!r}")
+    if "uri" in values and "uris" in values:
+        raise ConfigError(
+            f"{where}: keys 'uri' and 'uris' are both set; set 'uris' to the "
+            "list of every hypervisor, or 'uri' to just one",
+            key="uris",
+            value=raw["uris"],
+        )
     values["domains"] = _validate_domains(sections, where)
     return values
 
@@ -261,7 +298,9 @@ def _reject_quoted_numbers(raw: Mapping[str, object], where: str) -> None:
         if key in NUMERIC_KEYS and isinstance(value, str):
             raise ConfigError(
                 f"{where}: key {key!r}: invalid value {shorten(value)}: "
-                f"expected a number without quotes, such as {key} = 5"
+                f"expected a number without quotes, such as {key} = 5",
+                key=key,
+                value=value,
             )
 
 
@@ -297,13 +336,17 @@ def _validate(
         parser = parsers.get(key)
         if parser is None:
             raise ConfigError(
-                f"{where(key)} is unknown; valid keys are {', '.join(parsers)}"
+                f"{where(key)} is unknown; valid keys are {', '.join(parsers)}",
+                key=key,
+                value=value,
             )
         try:
             values[key] = parser(value)
         except ValueError as exc:
             raise ConfigError(
-                f"{where(key)}: invalid value {shorten(value)}: {exc}"
+                f"{where(key)}: invalid value {shorten(value)}: {exc}",
+                key=key,
+                value=value,
             ) from exc
     return values
 
@@ -318,7 +361,17 @@ def build_settings(
     """
     given = {key: value for key, value in flag_values.items() if value is not None}
     flags = _validate(given, flag_name)
-    settings = Settings(**{**file_values, **flags})
+    values = dict(file_values)
+    if "uri" in flags or "uris" in flags:
+        # URIs on the command line replace the file's whole list.
+        values.pop("uri", None)
+        values.pop("uris", None)
+    values.update(flags)
+    if values.get("uris"):
+        values["uri"] = values["uris"][0]
+    elif "uri" in values:
+        values["uris"] = (values["uri"],)
+    settings = Settings(**values)
     _check_consistency(settings)
     return settings
 

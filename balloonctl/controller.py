@@ -85,10 +85,34 @@ class Controller:
         self._entries: dict[str, _Entry] = {}
         self._memory: dict[str, DomainMemory] = {}
         self._host_task: asyncio.Task[None] | None = None
+        self._watch: HostWatch | None = None
         self._state_task: asyncio.Task[None] | None = None
         self._host = HostView()
         self._connected = False
+        # Set once the first connection attempt has either led to a first
+        # reconciliation or failed; ``connected`` tells which.
+        self.settled = asyncio.Event()
         self._log = structlog.stdlib.get_logger("balloonctl").bind(uri=hypervisor.uri)
+
+    @property
+    def uri(self) -> str:
+        return self._hv.uri
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def update_settings(self, settings: Settings) -> None:
+        """Apply reloaded settings: each domain uses them from its next period."""
+        self._settings = settings
+        for entry in self._entries.values():
+            entry.worker.update_settings(settings)
+        if self._watch is not None:
+            self._watch.update(settings.host_warn, settings.stats_period)
 
     @property
     def domains(self) -> list[DomainRef]:
@@ -98,32 +122,48 @@ class Controller:
     def task_count(self) -> int:
         return sum(1 for entry in self._entries.values() if not entry.task.done())
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, *, retry_first: bool = False) -> None:
         """Manage domains until ``stop`` is set.
 
-        Raises ConnectFailed if the first connection cannot be opened; later
-        losses of the connection are retried for as long as it takes.
+        Raises ConnectFailed if the first connection cannot be opened, unless
+        ``retry_first`` is set: the first attempt's failure is then logged
+        and retried with backoff like a lost connection. Later losses of the
+        connection are retried for as long as it takes.
         """
         try:
-            await self._hv.connect(self._enqueue)
+            await self._connect_and_reconcile()
         except HypervisorError as exc:
-            raise ConnectFailed(str(exc)) from exc
+            await self._hv.close()
+            if not retry_first:
+                self.settled.set()
+                raise ConnectFailed(str(exc)) from exc
+            self._log.warning(
+                "libvirt_connect_failed", error=str(exc), retry_in_s=RECONNECT_INITIAL_S
+            )
+            self.settled.set()
+            if await self._connect_with_backoff(stop, failed_once=True) is None:
+                self._log.info("controller_stopped", domains=0)
+                return
         self._connected = True
 
         try:
-            try:
-                await self._read_host_once()
-                await self._reconcile()
-            except HypervisorError as exc:
-                raise ConnectFailed(f"listing domains failed: {exc}") from exc
             self._start_host_watch()
-            self._state_task = asyncio.create_task(
-                self._write_state_forever(), name="state writer"
-            )
+            if not self._settings.dry_run:
+                # A dry run beside the managing process must not replace
+                # that process's state file.
+                self._state_task = asyncio.create_task(
+                    self._write_state_forever(), name="state writer"
+                )
             self._log_started()
+            self.settled.set()
             await self._dispatch_until(stop)
         finally:
             await self._shutdown()
+
+    async def _connect_and_reconcile(self) -> None:
+        await self._hv.connect(self._enqueue)
+        await self._read_host_once()
+        await self._reconcile()
 
     def _log_started(self) -> None:
         settings = self._settings
@@ -292,6 +332,7 @@ class Controller:
             self._clock,
             view=self._host,
         )
+        self._watch = watch
         self._host_task = asyncio.create_task(watch.run(), name="host watch")
         self._host_task.add_done_callback(functools.partial(self._task_done, None))
 
@@ -316,14 +357,34 @@ class Controller:
         await self._hv.close()
         self._drain_queue()
 
+        attempts = await self._connect_with_backoff(stop)
+        if attempts is None:
+            return
+        self._connected = True
+        self._start_host_watch()
+        self._log.info(
+            "libvirt_reconnected", attempts=attempts, domains=len(self._entries)
+        )
+
+    async def _connect_with_backoff(
+        self, stop: asyncio.Event, *, failed_once: bool = False
+    ) -> int | None:
+        """Connect and reconcile, retrying with backoff until it works.
+
+        With ``failed_once``, an attempt has just failed, so the first one
+        here waits. Returns the number of attempts, or None if ``stop`` was
+        set first.
+        """
         delay = RECONNECT_INITIAL_S
         attempts = 0
+        if failed_once:
+            attempts = 1
+            await _sleep_or_stop(delay, stop)
+            delay = min(delay * 2, RECONNECT_MAX_S)
         while not stop.is_set():
             attempts += 1
             try:
-                await self._hv.connect(self._enqueue)
-                await self._read_host_once()
-                await self._reconcile()
+                await self._connect_and_reconcile()
             except HypervisorError as exc:
                 self._log.debug(
                     "libvirt_reconnect_failed", error=str(exc), attempt=attempts
@@ -332,12 +393,8 @@ class Controller:
                 await _sleep_or_stop(delay, stop)
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
-            self._connected = True
-            self._start_host_watch()
-            self._log.info(
-                "libvirt_reconnected", attempts=attempts, domains=len(self._entries)
-            )
-            return
+            return attempts
+        return None
 
     def _drain_queue(self) -> None:
         # Events queued before the loss refer to the old connection.

@@ -111,7 +111,7 @@ class DomainWorker:
         self._failures = 0
         self._rejected_targets: set[int] = set()
         self._log = structlog.stdlib.get_logger("balloonctl").bind(
-            domain=domain.name, uuid=domain.uuid
+            uri=hypervisor.uri, domain=domain.name, uuid=domain.uuid
         )
 
     @property
@@ -155,6 +155,18 @@ class DomainWorker:
         self._policy = None
         self._from_persistent = redefined
 
+    def update_settings(self, settings: Settings) -> None:
+        """Use ``settings`` from the next period on (a configuration reload).
+
+        The policy is resolved again, so ``policy_applied`` shows the new
+        parameters, and a new stats period is set on the domain.
+        """
+        previous, self._settings = self._settings, settings
+        self._policy = None
+        if previous.stats_period != settings.stats_period:
+            self._period_set = False
+            self._period_failed = False
+
     def balloon_changed(self, actual_kib: int) -> None:
         """Handle a balloon-change event: start the grace period if not ours."""
         policy = self._policy
@@ -177,9 +189,10 @@ class DomainWorker:
         )
 
     async def run(self) -> None:
-        period = float(self._settings.stats_period)
         while True:
             await self._resumed.wait()
+            # Read each time: a reload may have changed the period.
+            period = float(self._settings.stats_period)
             delay = period
             try:
                 await self._step()

@@ -34,7 +34,12 @@ class HostWatch:
         self._low = False
         self._last_warning = 0.0
         self._failing = False
-        self._log = structlog.stdlib.get_logger("balloonctl")
+        self._log = structlog.stdlib.get_logger("balloonctl").bind(uri=hypervisor.uri)
+
+    def update(self, host_warn_kib: int, period_s: float) -> None:
+        """Use a new threshold and period from the next reading on."""
+        self._host_warn = host_warn_kib
+        self._period = period_s
 
     async def run(self) -> None:
         while True:

@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 
+def uri_digest(uri: str) -> str:
+    """Return the short hash that names a URI's files in the state dir."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
 def state_path(state_dir: str, uri: str) -> Path:
     """Return the state file for ``uri``: one per hypervisor, named by hash."""
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return Path(state_dir) / f"state-{digest}.json"
+    return Path(state_dir) / f"state-{uri_digest(uri)}.json"
 
 
 def write_state(path: Path, document: dict[str, Any]) -> None:

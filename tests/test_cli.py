@@ -74,10 +74,10 @@ def test_unknown_log_format_exits_2() -> None:
     assert "xml" in result.stderr
 
 
-def test_unreachable_uri_exits_1_without_traceback() -> None:
+def test_unreachable_uri_exits_1_without_traceback(tmp_path: Path) -> None:
     uri = "test:///nonexistent/host.xml"
 
-    result = run("run", "--uri", uri)
+    result = run("run", "--uri", uri, "--state-dir", str(tmp_path))
 
     assert result.returncode == 1
     assert uri in result.stderr
@@ -129,9 +129,18 @@ def test_plan_json_gives_exact_kib() -> None:
     assert document["host_memory_source"] == "node_free_memory"
 
 
-def start_run() -> subprocess.Popen[str]:
+def start_run(state_dir: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*BALLOONCTL, "run", "--uri", "test:///default", "--stats-period", "1"],
+        [
+            *BALLOONCTL,
+            "run",
+            "--uri",
+            "test:///default",
+            "--stats-period",
+            "1",
+            "--state-dir",
+            str(state_dir),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -147,8 +156,8 @@ def read_until(process: subprocess.Popen[str], event: str) -> None:
     raise AssertionError(f"the child exited before logging {event}")
 
 
-def test_sigterm_exits_0_within_2s() -> None:
-    process = start_run()
+def test_sigterm_exits_0_within_2s(tmp_path: Path) -> None:
+    process = start_run(tmp_path)
     try:
         read_until(process, "memory_released")
         started = time.monotonic()
@@ -166,8 +175,8 @@ def test_sigterm_exits_0_within_2s() -> None:
     assert json.loads(stdout.splitlines()[-1])["event"] == "controller_stopped"
 
 
-def test_sigint_exits_0() -> None:
-    process = start_run()
+def test_sigint_exits_0(tmp_path: Path) -> None:
+    process = start_run(tmp_path)
     read_until(process, "controller_started")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=5)
@@ -177,11 +186,11 @@ def test_sigint_exits_0() -> None:
     assert json.loads(stdout.splitlines()[-1])["event"] == "controller_stopped"
 
 
-def test_sighup_is_logged_and_ignored() -> None:
-    process = start_run()
+def test_sighup_without_config_keeps_running(tmp_path: Path) -> None:
+    process = start_run(tmp_path)
     read_until(process, "controller_started")
     process.send_signal(signal.SIGHUP)
-    read_until(process, "signal_ignored")
+    read_until(process, "config_reload_failed")
     process.send_signal(signal.SIGTERM)
     _stdout, stderr = process.communicate(timeout=5)
 

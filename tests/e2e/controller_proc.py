@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,11 @@ class ControllerProcess:
 
     def __init__(self, *args: str) -> None:
         self.args = ["run", "--log-format", "json", "--log-level", "debug", *args]
+        if "--state-dir" not in args:
+            # Its own lock and state file, so that it never meets another
+            # balloonctl run on this machine.
+            self.state_dir = tempfile.mkdtemp(prefix="bctl-state-")
+            self.args += ["--state-dir", self.state_dir]
         self.lines: list[Line] = []
         self.stderr = ""
         self.returncode: int | None = None

@@ -124,6 +124,7 @@ async def test_emitted_lines_follow_schema(test_conn: Any, logs: LogCapture) -> 
         if line.get("logger") != "balloonctl":
             continue
         assert line["event"] in documented, line
+        assert "uri" in line, line
         assert documented[line["event"]] <= set(line), line
         if "domain" in line:
             assert "uuid" in line, line

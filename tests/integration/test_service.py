@@ -1,0 +1,141 @@
+"""The supervisor in this process: read-only dry runs, several hosts, reload."""
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from balloonctl.config import Settings
+from balloonctl.errors import HypervisorError
+from balloonctl.libvirt_adapter import LibvirtHypervisor
+from balloonctl.service import Supervisor, load_settings, make_hypervisor
+from balloonctl.units import MIB
+from tests.childproc import host_file
+from tests.integration.conftest import TEST_URI
+from tests.logcapture import LogCapture
+
+
+async def connected(uri: str, settings: Settings) -> LibvirtHypervisor:
+    hypervisor = make_hypervisor(uri, settings)
+    await hypervisor.connect(None)
+    return hypervisor
+
+
+@pytest.mark.asyncio
+async def test_dry_run_connection_rejects_writes(tmp_path: Path) -> None:
+    uri = host_file(tmp_path / "host.xml", "dry-1")
+    hypervisor = await connected(uri, Settings(dry_run=True))
+    try:
+        (domain,) = await hypervisor.list_active_domains()
+        with pytest.raises(HypervisorError, match="read only"):
+            await hypervisor.set_target(domain, 512 * MIB)
+        with pytest.raises(HypervisorError, match="read only"):
+            await hypervisor.set_stats_period(domain, 1)
+    finally:
+        await hypervisor.close()
+        hypervisor.shutdown_threads()
+
+
+@pytest.mark.asyncio
+async def test_managing_connection_accepts_writes(tmp_path: Path) -> None:
+    uri = host_file(tmp_path / "host.xml", "wet-1")
+    hypervisor = await connected(uri, Settings(dry_run=False))
+    try:
+        (domain,) = await hypervisor.list_active_domains()
+        await hypervisor.set_target(domain, 512 * MIB)
+        stats = await hypervisor.memory_stats(domain)
+    finally:
+        await hypervisor.close()
+        hypervisor.shutdown_threads()
+
+    assert stats.actual == 512 * MIB
+
+
+async def serving(supervisor: Supervisor) -> AsyncIterator[Supervisor]:
+    task = asyncio.create_task(supervisor.run())
+    try:
+        yield supervisor
+    finally:
+        supervisor.stop.set()
+        await asyncio.wait_for(task, 10)
+        for hypervisor in supervisor.hypervisors:
+            hypervisor.shutdown_threads()
+
+
+def settings_for(tmp_path: Path, *uris: str, **overrides: Any) -> Settings:
+    base = Settings(
+        uri=uris[0],
+        uris=uris,
+        stats_period=1,
+        call_timeout=5.0,
+        state_dir=str(tmp_path / "state"),
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.mark.asyncio
+async def test_hosts_use_own_connections(tmp_path: Path, logs: LogCapture) -> None:
+    alpha = host_file(tmp_path / "alpha.xml", "alpha-1", "alpha-2")
+    beta = host_file(tmp_path / "beta.xml", "beta-1")
+    missing = f"test://{tmp_path}/nonexistent.xml"
+    supervisor = Supervisor(settings_for(tmp_path, alpha, beta, missing))
+
+    async for running in serving(supervisor):
+        await logs.wait_event("libvirt_connect_failed", uri=missing)
+        for name, uri in (("alpha-1", alpha), ("alpha-2", alpha), ("beta-1", beta)):
+            line = await logs.wait_event("memory_released", domain=name)
+            assert line["uri"] == uri
+        connected_hosts = [c.uri for c in running.controllers if c.connected]
+        status = running.status_text()
+
+    assert connected_hosts == [alpha, beta]
+    assert status == "managing 3 domains on 2 of 3 hosts"
+    hosts = {line["uri"] for line in logs.events("host_memory_low")}
+    assert hosts == {alpha, beta}
+
+
+@pytest.mark.asyncio
+async def test_single_host_settings_unchanged(tmp_path: Path) -> None:
+    settings = Settings(uri=TEST_URI, state_dir=str(tmp_path))
+
+    assert settings.hosts == (TEST_URI,)
+    assert settings.for_host(TEST_URI) == dataclasses.replace(
+        settings, uris=(TEST_URI,)
+    )
+
+
+@pytest.mark.asyncio
+async def test_reload_changes_next_decision(
+    tmp_path: Path, logs: LogCapture, test_conn: Any
+) -> None:
+    # The built-in domain reports 1 GiB unused of 2 GiB: above a 100 MiB
+    # buffer it is released, and with a 1 GiB buffer it is kept.
+    dom = test_conn.lookupByName("test")
+    await asyncio.to_thread(
+        dom.setMemoryFlags, 2048 * MIB, libvirt.VIR_DOMAIN_AFFECT_LIVE
+    )
+    config = tmp_path / "balloonctl.toml"
+    config.write_text("stats_period = 1\n")
+    flags = {"uri": TEST_URI, "state_dir": str(tmp_path), "dry_run": True}
+    settings = load_settings(config, flags)
+    supervisor = Supervisor(settings, config=config, flags=flags)
+
+    async for _running in serving(supervisor):
+        await logs.wait_event("memory_released", domain="test")
+        config.write_text('stats_period = 1\nmin_unused = "1 GiB"\n')
+        await supervisor.reload()
+        reloaded = await logs.wait_event("config_reloaded")
+        kept = await logs.wait_event(
+            "memory_kept", domain="test", reason="free_within_buffer"
+        )
+
+    assert reloaded["changed"] == [
+        {"key": "min_unused", "old": 100 * MIB, "new": 1024 * MIB}
+    ]
+    assert logs.events("config_restart_required") == []
+    assert kept["uri"] == TEST_URI
+    assert supervisor.settings.min_unused == 1024 * MIB
