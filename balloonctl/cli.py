@@ -24,6 +24,7 @@ from balloonctl.hypervisor import HostMemory
 from balloonctl.libvirt_adapter import LibvirtHypervisor, silence_libvirt_stderr
 from balloonctl.lock import LockFailed, LockHeld
 from balloonctl.logs import configure_logging, stop_log_writer
+from balloonctl.metrics_server import MetricsExporter, MetricsListenError
 from balloonctl.notify import Notifier
 from balloonctl.plan import PlanRow, make_plan, render_json, render_table
 from balloonctl.service import Supervisor, load_settings
@@ -57,6 +58,7 @@ _SETTING_FLAGS = (
     "include",
     "exclude",
     "state_dir",
+    "metrics_listen",
 )
 
 
@@ -207,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-level", choices=LOG_LEVELS, help="lowest level logged (default info)"
     )
+    run.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; :PORT or "
+        "PORT alone listens on 127.0.0.1, an IPv6 address goes in brackets "
+        "(default: no metrics, no listening socket)",
+    )
 
     plan = commands.add_parser(
         "plan", help="show what the controller would do now, changing nothing"
@@ -261,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_format, settings.log_level, threaded=True)
     silence_libvirt_stderr()
+    exporter = MetricsExporter(settings.metrics_listen)
     try:
         return _run(
             Supervisor(
@@ -268,7 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config=args.config,
                 flags=flags,
                 notifier=Notifier.from_environment(),
-            )
+                host_metrics=exporter.host,
+            ),
+            exporter,
         )
     finally:
         stop_log_writer()
@@ -295,7 +307,7 @@ def _record_early_signal(signum: int, _frame: object) -> None:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _run(supervisor: Supervisor) -> int:
+def _run(supervisor: Supervisor, exporter: MetricsExporter) -> int:
     # `kill -USR1 PID` writes every thread's stack to stderr, which shows
     # where a process that stopped logging is waiting.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -313,7 +325,7 @@ def _run(supervisor: Supervisor) -> int:
         _error(str(exc))
         return EXIT_FAILURE
     try:
-        code = asyncio.run(_serve(supervisor))
+        code = asyncio.run(_serve(supervisor, exporter))
     finally:
         for hypervisor in supervisor.hypervisors:
             hypervisor.shutdown_threads()
@@ -334,7 +346,7 @@ def _run(supervisor: Supervisor) -> int:
     return code
 
 
-async def _serve(supervisor: Supervisor) -> int:
+async def _serve(supervisor: Supervisor, exporter: MetricsExporter) -> int:
     loop = asyncio.get_running_loop()
     for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, supervisor.stop.set)
@@ -342,6 +354,11 @@ async def _serve(supervisor: Supervisor) -> int:
     if _early_signals:
         supervisor.stop.set()
 
+    try:
+        exporter.start()
+    except MetricsListenError as exc:
+        _metrics_failed(exc)
+        return EXIT_FAILURE
     try:
         await supervisor.run()
     except ConnectFailed as exc:
@@ -351,7 +368,19 @@ async def _serve(supervisor: Supervisor) -> int:
         )
         _error(f"cannot connect to {uris}: {exc}")
         return EXIT_FAILURE
+    finally:
+        await exporter.stop()
     return EXIT_OK
+
+
+def _metrics_failed(exc: MetricsListenError) -> None:
+    structlog.stdlib.get_logger("balloonctl").error(
+        "metrics_listen_failed", address=str(exc.address), error=str(exc.error)
+    )
+    _error(
+        f"cannot listen for metrics on {exc}; choose another address with "
+        "--metrics-listen or metrics_listen in the config file"
+    )
 
 
 async def _plan(settings: Settings, as_json: bool) -> int:

@@ -1,6 +1,7 @@
 """Settings: defaults, the TOML config file and command-line overrides."""
 
 import dataclasses
+import ipaddress
 import math
 import re
 import tomllib
@@ -13,6 +14,18 @@ from balloonctl.units import MIB, SizeError, parse_size, shorten
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 METRICS = ("unused", "usable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenAddress:
+    """An IP address and TCP port to listen on; port 0 picks a free port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
 class ConfigError(Exception):
@@ -58,6 +71,8 @@ class Settings:
     exclude: tuple[str, ...] = ()
     domains: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     state_dir: str = "/run/balloonctl"
+    # None means no metrics endpoint and no listening socket.
+    metrics_listen: ListenAddress | None = None
 
     @property
     def effective_host_reserve(self) -> int:
@@ -173,6 +188,60 @@ def _parse_directory(value: object) -> str:
     return value.strip()
 
 
+_LISTEN_FORMS = (
+    "expected HOST:PORT, :PORT or PORT, such as 127.0.0.1:9700, "
+    "with an IPv6 address in brackets, such as [::1]:9700"
+)
+
+
+def parse_listen_address(value: object) -> ListenAddress:
+    """Parse ``HOST:PORT``, ``:PORT`` or ``PORT``; no host means 127.0.0.1.
+
+    HOST is an IPv4 address, an IPv6 address in brackets or ``localhost``.
+    Other host names are rejected rather than resolved, so the address that
+    is bound is the one written in the configuration.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ListenAddress("127.0.0.1", _parse_port(str(value)))
+    if not isinstance(value, str):
+        raise ValueError(_LISTEN_FORMS)
+    text = value.strip()
+    if re.fullmatch(r"[0-9]+", text):
+        return ListenAddress("127.0.0.1", _parse_port(text))
+    bracketed = re.fullmatch(r"\[([^\]]+)\]:([0-9]+)", text)
+    if bracketed:
+        host, port = bracketed.groups()
+        try:
+            address = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{host!r} in brackets is not an IPv6 address; {_LISTEN_FORMS}"
+            ) from None
+        return ListenAddress(str(address), _parse_port(port))
+    plain = re.fullmatch(r"([^:\[\]]*):([0-9]+)", text)
+    if not plain:
+        raise ValueError(_LISTEN_FORMS)
+    host, port = plain.groups()
+    if host in ("", "localhost"):
+        return ListenAddress("127.0.0.1", _parse_port(port))
+    try:
+        return ListenAddress(str(ipaddress.IPv4Address(host)), _parse_port(port))
+    except ipaddress.AddressValueError:
+        raise ValueError(
+            f"{host!r} is not an IP address; host names other than localhost "
+            "are not resolved, so give the address to listen on"
+        ) from None
+
+
+def _parse_port(text: str) -> int:
+    # A port of more than 5 digits is out of range; the length check keeps
+    # int() away from arbitrarily long strings.
+    port = int(text) if len(text) <= 5 else -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {shorten(text)} is out of range; expected 0 to 65535")
+    return port
+
+
 def _parse_patterns(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -223,6 +292,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "state_dir": _parse_directory,
     "include": _parse_patterns,
     "exclude": _parse_patterns,
+    "metrics_listen": parse_listen_address,
 }
 
 # Keys a [domains."NAME"] section may set, with their parsers.

@@ -33,6 +33,7 @@ from balloonctl.hypervisor import (
     LifecycleKind,
     MetadataChanged,
 )
+from balloonctl.metrics import NO_METRICS, HostMetrics
 from balloonctl.state import remove_state, state_path, write_state
 
 RECONNECT_INITIAL_S = 1.0
@@ -77,8 +78,10 @@ class Controller:
         settings: Settings,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: HostMetrics = NO_METRICS,
     ) -> None:
         self._hv = hypervisor
+        self._metrics = metrics
         self._settings = settings
         self._clock = clock
         self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue()
@@ -145,6 +148,7 @@ class Controller:
                 self._log.info("controller_stopped", domains=0)
                 return
         self._connected = True
+        self._metrics.connection(True)
 
         try:
             self._start_host_watch()
@@ -250,6 +254,7 @@ class Controller:
             on_gone=self._on_gone,
             on_disconnected=lambda why: self._enqueue(ConnectionLost(why)),
             clock=self._clock,
+            metrics=self._metrics.domain(domain),
         )
         task = asyncio.create_task(worker.run(), name=f"domain {domain.name}")
         task.add_done_callback(functools.partial(self._task_done, domain))
@@ -291,6 +296,7 @@ class Controller:
         entry = self._entries.pop(domain.uuid, None)
         self._memory.pop(domain.uuid, None)
         self._hv.forget(domain)
+        self._metrics.forget(domain)
         if entry is None:
             return
         entry.task.cancel()
@@ -323,6 +329,7 @@ class Controller:
             self._log.warning("host_memory_failed", error=str(exc), error_code=exc.code)
             return
         self._host.available_kib = memory.available_kib
+        self._metrics.host_memory(memory.available_kib)
 
     def _start_host_watch(self) -> None:
         watch = HostWatch(
@@ -331,6 +338,7 @@ class Controller:
             self._settings.stats_period,
             self._clock,
             view=self._host,
+            metrics=self._metrics,
         )
         self._watch = watch
         self._host_task = asyncio.create_task(watch.run(), name="host watch")
@@ -350,10 +358,12 @@ class Controller:
         if not self._connected:
             return
         self._connected = False
+        self._metrics.connection(False)
         self._log.warning(
             "libvirt_disconnected", reason=reason, domains=len(self._entries)
         )
         await self._cancel_tasks()
+        self._metrics.forget_domains()
         await self._hv.close()
         self._drain_queue()
 
@@ -361,6 +371,7 @@ class Controller:
         if attempts is None:
             return
         self._connected = True
+        self._metrics.connection(True)
         self._start_host_watch()
         self._log.info(
             "libvirt_reconnected", attempts=attempts, domains=len(self._entries)
@@ -446,6 +457,7 @@ class Controller:
             await asyncio.gather(self._state_task, return_exceptions=True)
         await self._cancel_tasks()
         await self._hv.close()
+        self._metrics.close()
         self._log.info("controller_stopped", domains=count)
 
 

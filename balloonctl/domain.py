@@ -19,6 +19,7 @@ from balloonctl.errors import (
     HypervisorError,
 )
 from balloonctl.hypervisor import DomainRef, DomainState, Hypervisor, MemoryStats
+from balloonctl.metrics import DomainMetrics
 from balloonctl.policy import (
     Action,
     Decision,
@@ -92,8 +93,10 @@ class DomainWorker:
         on_gone: Callable[[DomainRef, str], None],
         on_disconnected: Callable[[str], None],
         clock: Clock = time.monotonic,
+        metrics: DomainMetrics | None = None,
     ) -> None:
         self.domain = domain
+        self._metrics = metrics if metrics is not None else DomainMetrics()
         self._hv = hypervisor
         self._settings = settings
         self._memory = memory
@@ -207,6 +210,7 @@ class DomainWorker:
                 self._on_disconnected(str(exc))
             except HypervisorError as exc:
                 delay = self._record_failure(exc, period)
+            self._metrics.status(self.status(self._clock())[0])
             await asyncio.sleep(delay)
 
     def _record_success(self) -> None:
@@ -287,6 +291,7 @@ class DomainWorker:
             sample, self._memory.history, policy.params, self._host.available_kib
         )
         self._report(decision, sample)
+        self._metrics.decided(sample, decision)
         if decision.target is not None and decision.action is not Action.KEEP:
             await self._act(decision, sample)
         if self._settings.dry_run:
@@ -342,6 +347,7 @@ class DomainWorker:
                     # period, and the same value is not requested again.
                     self._rejected_targets.add(decision.target)
                 raise
+            self._metrics.requested(decision)
         if decision.action is Action.GRANT:
             self._host.reserve(decision.change)
         self._log_action(decision, sample)

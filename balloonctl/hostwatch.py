@@ -10,6 +10,7 @@ import structlog
 from balloonctl.domain import HostView
 from balloonctl.errors import Disconnected, HypervisorError
 from balloonctl.hypervisor import HostMemory, Hypervisor
+from balloonctl.metrics import NO_METRICS, HostMetrics
 
 # While the host stays low, the warning is repeated at most this often.
 REPEAT_WARNING_S = 60.0
@@ -25,7 +26,9 @@ class HostWatch:
         period_s: float,
         clock: Callable[[], float] = time.monotonic,
         view: HostView | None = None,
+        metrics: HostMetrics = NO_METRICS,
     ) -> None:
+        self._metrics = metrics
         self._hv = hypervisor
         self._host_warn = host_warn_kib
         self._period = period_s
@@ -58,11 +61,13 @@ class HostWatch:
         level = logging.DEBUG if self._failing else logging.WARNING
         self._log.log(level, "host_memory_failed", error=str(exc), error_code=exc.code)
         self._failing = True
+        self._metrics.host_memory(None)
 
     def observe(self, memory: HostMemory) -> None:
         """Log a transition into or out of the low state, or a due repeat."""
         now = self._clock()
         self._view.available_kib = memory.available_kib
+        self._metrics.host_memory(memory.available_kib)
         fields = {
             "available_kib": memory.available_kib,
             "host_warn_kib": self._host_warn,

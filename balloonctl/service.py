@@ -19,6 +19,7 @@ from balloonctl import lock
 from balloonctl.config import ConfigError, Settings, build_settings, load_file
 from balloonctl.controller import ConnectFailed, Controller
 from balloonctl.libvirt_adapter import LibvirtHypervisor
+from balloonctl.metrics import NO_METRICS, HostMetrics
 from balloonctl.notify import Notifier
 
 # Settings a running process cannot take over from a reloaded file; a change
@@ -28,7 +29,16 @@ from balloonctl.notify import Notifier
 #   dry_run: a dry run's connections are read-only.
 #   call_timeout: the connections' adapters were built with it.
 #   log_format: the log renderer is chosen once at start.
-RESTART_KEYS = ("uri", "uris", "state_dir", "dry_run", "call_timeout", "log_format")
+#   metrics_listen: the metrics endpoint is already listening.
+RESTART_KEYS = (
+    "uri",
+    "uris",
+    "state_dir",
+    "dry_run",
+    "call_timeout",
+    "log_format",
+    "metrics_listen",
+)
 
 # How often STATUS= is refreshed when the number of domains changes.
 STATUS_INTERVAL_S = 1.0
@@ -86,6 +96,7 @@ class Supervisor:
         flags: Mapping[str, object] | None = None,
         notifier: Notifier | None = None,
         hypervisor_factory: Callable[[str, Settings], Any] = make_hypervisor,
+        host_metrics: Callable[[str], HostMetrics] = lambda uri: NO_METRICS,
     ) -> None:
         self.settings = settings
         self._config = config
@@ -93,7 +104,8 @@ class Supervisor:
         self._notifier = notifier if notifier is not None else Notifier(None)
         self.hypervisors = [hypervisor_factory(uri, settings) for uri in settings.hosts]
         self.controllers = [
-            Controller(hv, settings.for_host(hv.uri)) for hv in self.hypervisors
+            Controller(hv, settings.for_host(hv.uri), metrics=host_metrics(hv.uri))
+            for hv in self.hypervisors
         ]
         self.stop = asyncio.Event()
         self._locks: list[lock.HostLock] = []

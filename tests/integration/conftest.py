@@ -20,6 +20,7 @@ import pytest_asyncio
 from balloonctl.config import Settings
 from balloonctl.controller import Controller
 from balloonctl.libvirt_adapter import LibvirtHypervisor, register_event_loop
+from balloonctl.metrics import NO_METRICS, HostMetrics
 from balloonctl.units import MIB
 from tests.logcapture import LogCapture
 
@@ -64,7 +65,7 @@ async def test_conn() -> AsyncIterator[Any]:
 
 
 async def start_controller(
-    conn: Any, logs: LogCapture, **overrides: Any
+    conn: Any, logs: LogCapture, metrics: HostMetrics = NO_METRICS, **overrides: Any
 ) -> AsyncIterator[RunningController]:
     base = Settings(
         uri=TEST_URI,
@@ -74,7 +75,7 @@ async def start_controller(
     )
     settings = dataclasses.replace(base, **overrides)
     hypervisor = LibvirtHypervisor(settings.uri, call_timeout=settings.call_timeout)
-    controller = Controller(hypervisor, settings)
+    controller = Controller(hypervisor, settings, metrics=metrics)
     stop = asyncio.Event()
     task = asyncio.create_task(controller.run(stop))
     await logs.wait_event("controller_started")
