@@ -16,7 +16,13 @@ from typing import Any
 import structlog
 
 from balloonctl import lock
-from balloonctl.config import ConfigError, Settings, build_settings, load_file
+from balloonctl.config import (
+    ConfigError,
+    ListenAddress,
+    Settings,
+    build_settings,
+    load_file,
+)
 from balloonctl.controller import ConnectFailed, Controller
 from balloonctl.libvirt_adapter import LibvirtHypervisor
 from balloonctl.metrics import NO_METRICS, HostMetrics
@@ -71,6 +77,8 @@ def _plain(value: Any) -> Any:
     """Return ``value`` in a form the JSON log renderer writes as itself."""
     if isinstance(value, tuple):
         return list(value)
+    if isinstance(value, ListenAddress):
+        return str(value)
     if isinstance(value, Mapping):
         return {key: _plain(item) for key, item in value.items()}
     return value

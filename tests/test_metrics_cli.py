@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.childproc import host_file
+
 BALLOONCTL = [sys.executable, "-m", "balloonctl"]
 TEST_URI = "test:///default"
 # The built-in domain keeps half of its memory unused; with this buffer it
@@ -252,3 +254,44 @@ def test_metrics_port_in_use_exits_1(tmp_path: Path) -> None:
     failed = json.loads(result.stdout.splitlines()[-1])
     assert failed["event"] == "metrics_listen_failed"
     assert failed["address"] == f"127.0.0.1:{port}"
+
+
+def test_several_hosts_have_their_own_series(
+    child_runs: list[Child], tmp_path: Path
+) -> None:
+    other = host_file(tmp_path / "host.xml", "bctl-other")
+    child = start(
+        child_runs, tmp_path, "--uri", other, "--metrics-listen", "127.0.0.1:0"
+    )
+    listening = child.wait_event("metrics_listening")
+    child.wait_event("memory_released", domain="test")
+    child.wait_event("memory_released", domain="bctl-other")
+
+    families = scrape(listening["port"])
+
+    for uri in (TEST_URI, other):
+        assert sample_value(families, "balloonctl_libvirt_up", host=uri) == 1
+        assert sample_value(families, "balloonctl_managed_domains", host=uri) == 1
+    hosts = {
+        sample.labels["domain"]: sample.labels["host"]
+        for sample in families["balloonctl_domain_actual_bytes"].samples
+    }
+    assert hosts == {"test": TEST_URI, "bctl-other": other}
+
+
+def test_reload_keeps_metrics_address(child_runs: list[Child], tmp_path: Path) -> None:
+    config = tmp_path / "balloonctl.toml"
+    config.write_text('metrics_listen = "127.0.0.1:0"\n')
+    child = start(child_runs, tmp_path, "--config", str(config))
+    listening = child.wait_event("metrics_listening")
+    child.wait_event("controller_started")
+
+    config.write_text('metrics_listen = "127.0.0.1:1"\n')
+    child.process.send_signal(signal.SIGHUP)
+    restart = child.wait_event("config_restart_required")
+
+    assert restart["changed"] == [
+        {"key": "metrics_listen", "old": "127.0.0.1:0", "new": "127.0.0.1:1"}
+    ]
+    families = scrape(listening["port"])
+    assert sample_value(families, "balloonctl_build_info") == 1
