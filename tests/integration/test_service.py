@@ -12,6 +12,7 @@ import pytest
 from balloonctl.config import Settings
 from balloonctl.errors import HypervisorError
 from balloonctl.libvirt_adapter import LibvirtHypervisor
+from balloonctl.notify import Notifier
 from balloonctl.service import Supervisor, load_settings, make_hypervisor
 from balloonctl.units import MIB
 from tests.childproc import host_file
@@ -139,3 +140,33 @@ async def test_reload_changes_next_decision(
     assert logs.events("config_restart_required") == []
     assert kept["uri"] == TEST_URI
     assert supervisor.settings.min_unused == 1024 * MIB
+
+
+class RecordingNotifier(Notifier):
+    """Record each message with whether every host had settled when sent."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[tuple[tuple[str, ...], list[bool]]] = []
+        self.supervisor: Supervisor | None = None
+
+    def send(self, *lines: str) -> None:
+        assert self.supervisor is not None
+        settled = [c.settled.is_set() for c in self.supervisor.controllers]
+        self.sent.append((lines, settled))
+
+
+@pytest.mark.asyncio
+async def test_ready_after_every_host_settles(tmp_path: Path, logs: LogCapture) -> None:
+    alpha = host_file(tmp_path / "alpha.xml", "alpha-1")
+    missing = f"test://{tmp_path}/nonexistent.xml"
+    notifier = RecordingNotifier()
+    supervisor = Supervisor(settings_for(tmp_path, missing, alpha), notifier=notifier)
+    notifier.supervisor = supervisor
+
+    async for _running in serving(supervisor):
+        await logs.wait_event("controller_started", uri=alpha)
+        await logs.wait_event("libvirt_reconnect_failed", uri=missing)
+
+    ready = [settled for lines, settled in notifier.sent if lines[0] == "READY=1"]
+    assert ready == [[True, True]]
