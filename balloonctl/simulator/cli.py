@@ -67,14 +67,17 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "@host-memory (default twice the sum of the guests' maxima)",
     )
     parser.add_argument(
-        "--json", action="store_true", help="print JSON with sizes in KiB"
+        "--json",
+        action="store_true",
+        help="print JSON with sizes in KiB (default: a table)",
     )
     parser.add_argument(
         "--plot",
         type=_png_path,
         metavar="FILE.png",
         help="draw allocation, target and demand over time to this PNG file; "
-        "with several traces, one file per trace named FILE-TRACE.png",
+        "with several traces, one file per trace named FILE-TRACE.png "
+        "(default: no plot)",
     )
 
 
