@@ -95,6 +95,8 @@ class Controller:
         # Set once the first connection attempt has either led to a first
         # reconciliation or failed; ``connected`` tells which.
         self.settled = asyncio.Event()
+        # Why the first attempt failed, when it did and was retried.
+        self.first_error: str | None = None
         self._log = structlog.stdlib.get_logger("balloonctl").bind(uri=hypervisor.uri)
 
     @property
@@ -143,6 +145,7 @@ class Controller:
             self._log.warning(
                 "libvirt_connect_failed", error=str(exc), retry_in_s=RECONNECT_INITIAL_S
             )
+            self.first_error = str(exc)
             self.settled.set()
             if await self._connect_with_backoff(stop, failed_once=True) is None:
                 self._log.info("controller_stopped", domains=0)

@@ -118,6 +118,8 @@ class Supervisor:
         self.stop = asyncio.Event()
         self._locks: list[lock.HostLock] = []
         self._reloading: asyncio.Task[None] | None = None
+        # READY=1 was sent; a reload before that must not send it early.
+        self._ready = False
         self._log = structlog.stdlib.get_logger("balloonctl")
 
     def take_locks(self) -> None:
@@ -166,8 +168,13 @@ class Supervisor:
                 first = next((exc for exc in failed if exc is not None), None)
                 if isinstance(first, ConnectFailed):
                     raise first
-                raise ConnectFailed("no hypervisor could be reached")
+                errors = "; ".join(
+                    f"{controller.uri!r}: {controller.first_error}"
+                    for controller in self.controllers
+                )
+                raise ConnectFailed(f"no URI could be reached ({errors})")
             self._notifier.send("READY=1", f"STATUS={self.status_text()}")
+            self._ready = True
             helpers.append(asyncio.create_task(self._status_forever(), name="status"))
             if self._notifier.watchdog_s is not None:
                 helpers.append(
@@ -253,9 +260,12 @@ class Supervisor:
             return
         # systemd 253 and later want the monotonic clock with RELOADING=1.
         now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self._notifier.send(
-            "RELOADING=1", f"MONOTONIC_USEC={now_us}", "STATUS=reloading the config"
-        )
+        if self._ready:
+            self._notifier.send(
+                "RELOADING=1",
+                f"MONOTONIC_USEC={now_us}",
+                "STATUS=reloading the config",
+            )
         try:
             new = await asyncio.to_thread(load_settings, path, self._flags)
         except ConfigError as exc:
@@ -266,10 +276,14 @@ class Supervisor:
                 value=_plain(exc.value),
                 error=str(exc),
             )
-            self._notifier.send("READY=1", f"STATUS={self.status_text()}")
+            self._send_ready_again()
             return
         self.apply(new, str(path))
-        self._notifier.send("READY=1", f"STATUS={self.status_text()}")
+        self._send_ready_again()
+
+    def _send_ready_again(self) -> None:
+        if self._ready:
+            self._notifier.send("READY=1", f"STATUS={self.status_text()}")
 
     def apply(self, new: Settings, path: str) -> None:
         """Apply ``new`` except the keys that need a restart."""
