@@ -28,8 +28,8 @@ from balloonctl.libvirt_adapter import LibvirtHypervisor
 from balloonctl.metrics import NO_METRICS, HostMetrics
 from balloonctl.notify import Notifier
 
-# Settings a running process cannot take over from a reloaded file; a change
-# is logged as needing a restart and the running value stays in force.
+# Settings a running process cannot take over from a reloaded file. A change
+# to one is logged as needing a restart, and the running value stays.
 #   uri, uris: each URI has its own connection, lock and state file.
 #   state_dir: the locks and state files are already open there.
 #   dry_run: a dry run's connections are read-only.
@@ -57,7 +57,7 @@ def load_settings(config: Path | None, flags: Mapping[str, object]) -> Settings:
 
 
 def make_hypervisor(uri: str, settings: Settings) -> LibvirtHypervisor:
-    """Open nothing yet; a dry run's connection will be read-only."""
+    """Build the adapter for ``uri``, read-only for a dry run; nothing is opened."""
     return LibvirtHypervisor(
         uri, call_timeout=settings.call_timeout, read_only=settings.dry_run
     )
@@ -258,7 +258,8 @@ class Supervisor:
                 "so there is nothing to reload",
             )
             return
-        # systemd 253 and later want the monotonic clock with RELOADING=1.
+        # MONOTONIC_USEC= lets Type=notify-reload (systemd 253) match this
+        # RELOADING=1 to its reload request; older systemd ignores it.
         now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         if self._ready:
             self._notifier.send(
