@@ -143,6 +143,15 @@ class DomainWorker:
         if self._resumed.is_set():
             self._log.info("domain_paused")
         self._resumed.clear()
+        self._report_status()
+
+    def _report_status(self) -> None:
+        # "paused" exists only in the metrics, since plan shows the
+        # domain's state in a column of its own.
+        if self._resumed.is_set():
+            self._metrics.status(self.status(self._clock())[0])
+        else:
+            self._metrics.status("paused")
 
     def resume(self) -> None:
         if not self._resumed.is_set():
@@ -210,7 +219,7 @@ class DomainWorker:
                 self._on_disconnected(str(exc))
             except HypervisorError as exc:
                 delay = self._record_failure(exc, period)
-            self._metrics.status(self.status(self._clock())[0])
+            self._report_status()
             await asyncio.sleep(delay)
 
     def _record_success(self) -> None:

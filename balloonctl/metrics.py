@@ -34,9 +34,19 @@ from balloonctl import __version__
 from balloonctl.hypervisor import DomainRef
 from balloonctl.policy import Action, Decision, Sample
 
-# The statuses of ``DomainWorker.status``; each domain has one series per
-# status in ``balloonctl_domain_status``, 1 for the current one, 0 otherwise.
-STATUSES = ("starting", "managed", "stuck", "grace", "stale", "excluded", "invalid")
+# The statuses of ``DomainWorker.status``, and "paused"; each domain has one
+# series per status in ``balloonctl_domain_status``, 1 for the current one,
+# 0 otherwise.
+STATUSES = (
+    "starting",
+    "managed",
+    "stuck",
+    "grace",
+    "stale",
+    "paused",
+    "excluded",
+    "invalid",
+)
 # Statuses of a domain whose balloon balloonctl moves.
 MANAGED_STATUSES = frozenset({"managed", "stuck", "grace", "stale"})
 
@@ -340,9 +350,9 @@ class PrometheusDomainMetrics(DomainMetrics):
     def status(self, status: str) -> None:
         if status == self._status:
             return
-        if status not in MANAGED_STATUSES and status != "starting":
+        if status in ("excluded", "invalid"):
             # An excluded or invalid domain is not sampled, so its figures
-            # would only go stale.
+            # would only go stale. A paused guest's memory stays as it was.
             self._remove_memory_series()
         self._status = status
         for each in STATUSES:

@@ -164,3 +164,35 @@ async def test_stopped_controller_leaves_no_host_series(
     assert during.value("balloonctl_last_decision_timestamp_seconds", host=TEST_URI)
     assert [s for s in after.series if "host" in s.labels] == []
     assert after.value("balloonctl_build_info") == 1
+
+
+async def test_paused_domain_keeps_figures(observed: Observed) -> None:
+    running = observed.running
+    dom = await running.create("bctl-metrics-paused", memory_mib=1024)
+    uuid = dom.UUIDString()
+    await running.logs.wait_event("memory_released", domain="bctl-metrics-paused")
+    managed_before = (await observed.scrape()).value(
+        "balloonctl_managed_domains", host=TEST_URI
+    )
+
+    await asyncio.to_thread(dom.suspend)
+    await running.logs.wait_event("domain_paused", domain="bctl-metrics-paused")
+    paused = await observed.scrape()
+    await asyncio.to_thread(dom.resume)
+    await running.logs.wait_event("domain_resumed", domain="bctl-metrics-paused")
+    # The status changes with the first sample after the resume.
+    async with asyncio.timeout(5):
+        while True:
+            resumed = await observed.scrape()
+            if resumed.of_domain(uuid)[("balloonctl_domain_status", "paused")] == 0:
+                break
+            await asyncio.sleep(0.1)
+
+    series = paused.of_domain(uuid)
+    assert series[("balloonctl_domain_status", "paused")] == 1
+    assert series[("balloonctl_domain_status", "managed")] == 0
+    assert ("balloonctl_domain_actual_bytes", "") in series
+    managed_paused = paused.value("balloonctl_managed_domains", host=TEST_URI)
+    assert managed_before is not None
+    assert managed_paused == managed_before - 1
+    assert resumed.of_domain(uuid)[("balloonctl_domain_status", "managed")] == 1
