@@ -150,6 +150,11 @@ class LibvirtHypervisor:
     def uri(self) -> str:
         return self._uri
 
+    @property
+    def read_only(self) -> bool:
+        """Whether the connection is opened with virConnectOpenReadOnly."""
+        return self._read_only
+
     def busy_calls(self) -> int:
         """Return how many calls are still running in worker threads."""
         return sum(1 for future in self._running if not future.done())

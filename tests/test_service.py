@@ -182,3 +182,17 @@ def test_dry_run_writes_no_files(tmp_path: Path) -> None:
         written = sorted(path.name for path in tmp_path.iterdir())
 
     assert written == []
+
+
+def test_unwritable_state_dir_exits_1(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+
+    process = child(not_a_directory, "--uri", "test:///default")
+    process.start()
+    code = process.wait_exit(20)
+
+    assert code == 1
+    assert "cannot create lock file" in process.stderr
+    assert "--state-dir" in process.stderr
+    assert process.events("controller_started") == []

@@ -16,6 +16,7 @@ from balloonctl.notify import Notifier
 from balloonctl.service import Supervisor, load_settings, make_hypervisor
 from balloonctl.units import MIB
 from tests.childproc import host_file
+from tests.fakes import FakeHypervisor
 from tests.integration.conftest import TEST_URI
 from tests.logcapture import LogCapture
 
@@ -170,3 +171,58 @@ async def test_ready_after_every_host_settles(tmp_path: Path, logs: LogCapture) 
 
     ready = [settled for lines, settled in notifier.sent if lines[0] == "READY=1"]
     assert ready == [[True, True]]
+
+
+def real_or_fake(fake: FakeHypervisor) -> Any:
+    """Build the real adapter for test-driver URIs and return ``fake`` for its own.
+
+    The fake stands in for a remote host whose connection is refused at
+    start and dropped later, which the test driver cannot do on demand.
+    """
+
+    def factory(uri: str, settings: Settings) -> Any:
+        return fake if uri == fake.uri else make_hypervisor(uri, settings)
+
+    return factory
+
+
+@pytest.mark.asyncio
+async def test_lost_host_leaves_others_alone(tmp_path: Path, logs: LogCapture) -> None:
+    alpha = host_file(tmp_path / "alpha.xml", "alpha-1", memory_mib=8192)
+    fake = FakeHypervisor("fake:///remote")
+    fake.add("remote-1")
+    fake.refuse_connects = 2
+    supervisor = Supervisor(
+        settings_for(tmp_path, alpha, fake.uri), hypervisor_factory=real_or_fake(fake)
+    )
+    task = asyncio.create_task(supervisor.run())
+    try:
+        await logs.wait_event("libvirt_connect_failed", uri=fake.uri)
+        await logs.wait_event("controller_started", uri=alpha)
+        await logs.wait_event("controller_started", uri=fake.uri, timeout=10)
+        fake.drop_connection()
+        lost = await logs.wait_event("libvirt_disconnected", uri=fake.uri)
+        after = await logs.wait_for(
+            lambda line: (
+                line["event"] == "memory_released"
+                and line.get("uri") == alpha
+                and line["timestamp"] > lost["timestamp"]
+            )
+        )
+        await logs.wait_event("libvirt_reconnected", uri=fake.uri)
+    finally:
+        supervisor.stop.set()
+        await asyncio.wait_for(task, 10)
+        supervisor.hypervisors[0].shutdown_threads()
+
+    assert after["domain"] == "alpha-1"
+    assert logs.events("libvirt_disconnected", uri=alpha) == []
+    assert logs.events("controller_started", uri=alpha)[0]["domains"] == 1
+
+
+def test_dry_run_supervisor_builds_read_only(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, TEST_URI, dry_run=True)
+
+    supervisor = Supervisor(settings)
+
+    assert [hv.read_only for hv in supervisor.hypervisors] == [True]
