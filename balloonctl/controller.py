@@ -37,6 +37,8 @@ from balloonctl.metrics import NO_METRICS, HostMetrics
 from balloonctl.state import remove_state, state_path, write_state
 
 RECONNECT_INITIAL_S = 1.0
+# DomainWorker.status values of a domain whose balloon balloonctl moves.
+MANAGED_STATUSES = frozenset({"managed", "stuck", "grace", "stale"})
 RECONNECT_MAX_S = 30.0
 
 
@@ -126,6 +128,15 @@ class Controller:
 
     def task_count(self) -> int:
         return sum(1 for entry in self._entries.values() if not entry.task.done())
+
+    def managed_count(self) -> int:
+        """Return how many domains are managed, not excluded or invalid."""
+        now = self._clock()
+        return sum(
+            1
+            for entry in self._entries.values()
+            if entry.worker.status(now)[0] in MANAGED_STATUSES
+        )
 
     async def run(self, stop: asyncio.Event, *, retry_first: bool = False) -> None:
         """Manage domains until ``stop`` is set.

@@ -214,12 +214,15 @@ class Supervisor:
                 wait.cancel()
 
     def status_text(self) -> str:
+        """Return the STATUS= line: domains found, hosts connected, managed."""
         domains = sum(len(controller.domains) for controller in self.controllers)
+        managed = sum(controller.managed_count() for controller in self.controllers)
         connected = sum(1 for controller in self.controllers if controller.connected)
         total = len(self.controllers)
         return (
-            f"managing {domains} domain{'s' if domains != 1 else ''} "
-            f"on {connected} of {total} host{'s' if total != 1 else ''}"
+            f"{domains} domain{'s' if domains != 1 else ''} "
+            f"on {connected} of {total} host{'s' if total != 1 else ''}, "
+            f"{managed} managed"
         )
 
     async def _status_forever(self) -> None:

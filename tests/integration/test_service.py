@@ -95,7 +95,7 @@ async def test_hosts_use_own_connections(tmp_path: Path, logs: LogCapture) -> No
         status = running.status_text()
 
     assert connected_hosts == [alpha, beta]
-    assert status == "managing 3 domains on 2 of 3 hosts"
+    assert status == "3 domains on 2 of 3 hosts, 3 managed"
     hosts = {line["uri"] for line in logs.events("host_memory_low")}
     assert hosts == {alpha, beta}
 
