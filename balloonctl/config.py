@@ -15,6 +15,10 @@ LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 METRICS = ("unused", "usable")
 
+# A config file larger than this is rejected unread. A file with a section
+# for each of a thousand domains is about 100 KiB.
+MAX_CONFIG_BYTES = 1024 * 1024
+
 
 @dataclasses.dataclass(frozen=True)
 class ListenAddress:
@@ -315,23 +319,45 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    """Read a TOML config file and return its validated values by key."""
+def _read_text(path: Path) -> str:
+    """Read at most ``MAX_CONFIG_BYTES`` of UTF-8 text, or raise ConfigError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(
-            f"cannot read config file {str(path)!r}: {exc.strerror}"
+            f"cannot read config file {str(path)!r}: {exc.strerror}; "
+            "pass the path of a readable TOML file with --config"
         ) from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes; "
+            "a balloonctl config file is a few KiB, so check the path"
+        )
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from exc
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (invalid byte at "
+            f"offset {exc.start}); save it as UTF-8"
+        ) from exc
 
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file and return its validated values by key."""
+    text = _read_text(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
             f"config file {str(path)!r} is not valid TOML: {exc}"
         ) from exc
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(
+            f"config file {str(path)!r} nests arrays or tables too deeply; "
+            "no balloonctl key takes nested values"
+        ) from None
 
     where = f"config file {str(path)!r}"
     raw = dict(raw)
