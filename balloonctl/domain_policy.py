@@ -11,6 +11,7 @@ excluded whatever the layers contain.
 import dataclasses
 import fnmatch
 import xml.etree.ElementTree as ET
+import xml.parsers.expat
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -100,7 +101,14 @@ def read_metadata(root: ET.Element) -> dict[str, Any]:
         raw["managed"] = managed == "yes"
     for child in element:
         key = child.tag.removeprefix(f"{{{NAMESPACE}}}")
-        raw[key] = (child.text or "").strip()
+        text = (child.text or "").strip()
+        if len(child):
+            raise PolicyInvalid(key, text, "expected a plain value, not child elements")
+        if key in raw:
+            # Silently taking the first or the last of two values would
+            # apply a value the operator may not have meant.
+            raise PolicyInvalid(key, text, "set more than once; keep one element")
+        raw[key] = text
     return _parse_layer(raw, DOMAIN_KEYS)
 
 
@@ -135,9 +143,50 @@ def _pattern_exclusion(name: str, settings: Settings) -> str | None:
     return None
 
 
+class _DoctypeFound(Exception):
+    pass
+
+
+class _RootReached(Exception):
+    pass
+
+
+def _has_doctype(xml_text: str) -> bool:
+    """Tell whether the document declares a DTD before its root element.
+
+    Only the prolog is parsed: the scan stops at the DTD or the root element,
+    before any entity is declared, expanded or fetched.
+    """
+    parser = xml.parsers.expat.ParserCreate()
+
+    def on_doctype(*_args: object) -> None:
+        raise _DoctypeFound
+
+    def on_element(*_args: object) -> None:
+        raise _RootReached
+
+    parser.StartDoctypeDeclHandler = on_doctype
+    parser.StartElementHandler = on_element
+    try:
+        parser.Parse(xml_text, True)
+    except _DoctypeFound:
+        return True
+    except (_RootReached, xml.parsers.expat.ExpatError):
+        return False
+    return False
+
+
 def _parse(xml_text: str) -> ET.Element | DomainPolicy:
     if len(xml_text) > MAX_XML_BYTES:
         return DomainPolicy("invalid", reason="domain XML is too large to parse")
+    # libvirt never writes a DTD into a domain's XML, and entity attacks
+    # (billion laughs, external entities that read local files) need one, so
+    # such a document is rejected before ElementTree expands anything.
+    if _has_doctype(xml_text):
+        return DomainPolicy(
+            "invalid",
+            reason="domain XML has a DTD (<!DOCTYPE>), which libvirt never writes",
+        )
     try:
         return ET.fromstring(xml_text)
     except ET.ParseError as exc:
