@@ -430,7 +430,18 @@ def _reset(
         stuck_count=count,
         retry_at=sample.taken_at + params.stats_period * 2**exponent,
     )
-    return context.decision(Action.RESET, Reason.STUCK, target=sample.actual), updated
+    target = max(sample.actual, _lowest_target(sample, context))
+    return context.decision(Action.RESET, Reason.STUCK, target=target), updated
+
+
+def _lowest_target(sample: Sample, context: _Context) -> int:
+    """Return the lowest target any decision may request: the floor.
+
+    ``actual`` comes from the guest's balloon driver, so a guest can report
+    any value up to its maximum. A target computed from a low ``actual``
+    must still not ask the balloon to take the guest below its floor.
+    """
+    return min(context.floor, sample.maximum)
 
 
 def _grant(
@@ -463,9 +474,13 @@ def _grant(
         if grant <= 0:
             return context.keep(Reason.NO_HOST_HEADROOM), history
 
+    # A grant limited by host headroom still raises a guest below its floor
+    # to the floor: a lower target would shrink it if ``actual`` was false.
+    target = max(sample.actual + grant, _lowest_target(sample, context))
+    grant = target - sample.actual
+
     # A pending grant that is at least as generous is kept. A smaller one,
     # or a pending release, is replaced by what the guest needs now.
-    target = sample.actual + grant
     pending = history.request
     if pending is not None and pending.grant and pending.target >= target:
         return context.keep(Reason.TARGET_NOT_REACHED), history

@@ -71,6 +71,9 @@ def check_decision(decision: Decision, sample: Sample, params: Params) -> None:
     assert sample.actual is not None
     floor = params.floor(sample.maximum)
     assert 0 < decision.target <= sample.maximum
+    # Even a guest that reports a tiny actual is never asked to go below its
+    # floor (or its maximum, where the floor is above it).
+    assert decision.target >= min(floor, sample.maximum)
     if decision.action is Action.RELEASE:
         assert 0 < decision.change <= params.max_release
         assert decision.target == sample.actual - decision.change
@@ -79,7 +82,7 @@ def check_decision(decision: Decision, sample: Sample, params: Params) -> None:
         assert decision.change > 0
         assert decision.target == sample.actual + decision.change
     else:
-        assert decision.target == sample.actual
+        assert decision.target == max(sample.actual, min(floor, sample.maximum))
 
 
 class PolicySequence(RuleBasedStateMachine):
@@ -295,3 +298,42 @@ def test_replayed_history_never_releases_twice_per_report() -> None:
 
     assert first.action is Action.RELEASE
     assert second.action is Action.KEEP
+
+
+FLOOR_PARAMS = Params(
+    min_unused=100 * MIB,
+    max_release=50 * MIB,
+    min_release=MIB,
+    grow_margin=64 * MIB,
+    floor_min=128 * MIB,
+    floor_percent=10,
+    host_reserve=200 * MIB,
+    stats_period=5,
+)
+
+
+def test_stuck_reset_never_targets_below_floor() -> None:
+    # The guest reports a balloon of 1 KiB (its driver writes that figure),
+    # and the grant toward the floor never arrives.
+    sample = Sample(actual=1, unused=0, maximum=4 * GIB, last_update=None, taken_at=0)
+    first, history = decide(sample, History(), FLOOR_PARAMS)
+    later = dataclasses.replace(sample, taken_at=100.0)
+    reset, _ = decide(later, history, FLOOR_PARAMS)
+
+    assert first.action is Action.GRANT
+    assert reset.action is Action.RESET
+    assert reset.target == FLOOR_PARAMS.floor(4 * GIB)
+
+
+def test_host_limited_grant_still_reaches_floor() -> None:
+    # 60 MiB unused is short but no emergency, so host headroom (10 MiB
+    # here) would limit the grant to a target far below the floor.
+    sample = Sample(
+        actual=64 * MIB, unused=60 * MIB, maximum=4 * GIB, last_update=1, taken_at=0
+    )
+
+    decision, _ = decide(sample, History(), FLOOR_PARAMS, 210 * MIB)
+
+    assert decision.action is Action.GRANT
+    assert decision.target == FLOOR_PARAMS.floor(4 * GIB)
+    assert decision.change == decision.target - 64 * MIB
