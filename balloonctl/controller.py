@@ -194,6 +194,8 @@ class Controller:
             min_release_kib=settings.min_release,
             host_warn_kib=settings.host_warn,
             dry_run=settings.dry_run,
+            # Only the libvirt adapter reports it; None for other seams.
+            keepalive=getattr(self._hv, "keepalive", None),
         )
 
     def _enqueue(self, item: _QueueItem) -> None:

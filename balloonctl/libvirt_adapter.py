@@ -145,6 +145,8 @@ class LibvirtHypervisor:
         self._callback_ids: list[int] = []
         self._close_callback_set = False
         self._driver_type = ""
+        # Whether libvirt accepted keepalive on the current connection.
+        self.keepalive = False
 
     @property
     def uri(self) -> str:
@@ -216,8 +218,10 @@ class LibvirtHypervisor:
     async def _enable_keepalive(self) -> None:
         # Keepalive lets a remote or local daemon connection notice a dead
         # peer; in-process drivers such as test:/// do not support it.
+        self.keepalive = False
         with contextlib.suppress(Unsupported):
             await self._call("setKeepAlive", lambda: self._conn.setKeepAlive(5, 3))
+            self.keepalive = True
 
     async def _register_events(self, on_event: EventSink) -> None:
         def lifecycle(

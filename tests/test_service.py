@@ -91,6 +91,9 @@ def test_several_hosts_in_one_process(tmp_path: Path) -> None:
     assert code == 0
     started = {line["uri"] for line in process.events("controller_started")}
     assert started == {alpha, beta}
+    # The test driver runs in the process, so it has no keepalive.
+    keepalive = {line["keepalive"] for line in process.events("controller_started")}
+    assert keepalive == {False}
     added = {(line["uri"], line["domain"]) for line in process.events("domain_added")}
     assert added == {(alpha, "alpha-1"), (beta, "beta-1"), (beta, "beta-2")}
     own = [line for line in process.lines if line.get("logger") == "balloonctl"]
