@@ -116,6 +116,13 @@ class Hypervisor(Protocol):
 
     async def memory_stats(self, domain: DomainRef) -> MemoryStats: ...
 
+    async def sample(self, domain: DomainRef) -> tuple[DomainInfo, MemoryStats | None]:
+        """Return ``domain_info`` and, for a running domain, ``memory_stats``.
+
+        The domain task calls this once a period. It may read both in one
+        call to the hypervisor, which costs less than two.
+        """
+
     async def domain_xml(self, domain: DomainRef, *, inactive: bool = False) -> str:
         """Return the domain's live XML, or with ``inactive`` its persistent one."""
 

@@ -6,7 +6,6 @@ translated here, once, into the exceptions of ``balloonctl.errors``.
 """
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 import libvirt
 import libvirtaio
 
+from balloonctl.batching import BatchingExecutor, Call
 from balloonctl.errors import (
     CallTimedOut,
     Disconnected,
@@ -135,13 +135,12 @@ class LibvirtHypervisor:
         self._uri = uri
         self._call_timeout = call_timeout
         self._read_only = read_only
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix="libvirt-call"
+        self._executor = BatchingExecutor(
+            max_workers, thread_name_prefix="libvirt-call"
         )
         self._conn: Any = None
         self._domains: dict[str, Any] = {}
-        self._in_flight: dict[str, concurrent.futures.Future[Any]] = {}
-        self._running: set[concurrent.futures.Future[Any]] = set()
+        self._in_flight: dict[str, Call[Any]] = {}
         self._callback_ids: list[int] = []
         self._close_callback_set = False
         self._driver_type = ""
@@ -159,7 +158,7 @@ class LibvirtHypervisor:
 
     def busy_calls(self) -> int:
         """Return how many calls are still running in worker threads."""
-        return sum(1 for future in self._running if not future.done())
+        return self._executor.busy()
 
     async def _call(
         self,
@@ -175,7 +174,7 @@ class LibvirtHypervisor:
         fails at once instead of taking another thread.
         """
         previous = self._in_flight.get(key) if key else None
-        if previous is not None and not previous.done():
+        if previous is not None and not previous.finished:
             raise CallTimedOut(f"{what} skipped: an earlier call is still running")
 
         limit = self._call_timeout if limit_s is None else limit_s
@@ -183,25 +182,23 @@ class LibvirtHypervisor:
         # makes a call, so libvirtaio's callbacks can run off the loop
         # thread. No lost event or hang has been seen here, but libvirtaio
         # (libvirt-python 12.8) does not document thread safety.
-        future = self._pool.submit(func)
-        self._running.add(future)
-        future.add_done_callback(self._running.discard)
+        call = self._executor.submit(func)
         if key:
-            self._in_flight[key] = future
-        result = asyncio.wrap_future(future)
-        # A call that outlives its timeout still finishes; retrieve its
-        # outcome so that asyncio does not report it as never retrieved.
-        result.add_done_callback(_discard_outcome)
+            self._in_flight[key] = call
         try:
             # In Python 3.11, wait_for returns the result of a call that
             # completes as the task is cancelled, and the cancellation is
-            # lost; asyncio.timeout re-raises it.
+            # lost; asyncio.timeout re-raises it. A timeout cancels only the
+            # wait: the call still finishes in its thread, and its outcome
+            # is then dropped.
             async with asyncio.timeout(limit):
-                return await asyncio.shield(result)
+                result: T = await call.future
+                return result
         except TimeoutError:
             raise CallTimedOut(f"{what} timed out after {limit:g} s") from None
         except libvirt.libvirtError as exc:
-            raise translate(exc, what) from exc
+            # A call that makes several libvirt calls names the one that failed.
+            raise translate(exc, getattr(exc, "balloonctl_call", what)) from exc
 
     async def connect(self, on_event: EventSink | None) -> None:
         register_event_loop()
@@ -296,7 +293,7 @@ class LibvirtHypervisor:
 
     def shutdown_threads(self) -> None:
         """Stop accepting calls; threads stuck in libvirt are not waited for."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown()
 
     def _require_conn(self) -> Any:
         if self._conn is None:
@@ -332,10 +329,8 @@ class LibvirtHypervisor:
 
     async def domain_info(self, domain: DomainRef) -> DomainInfo:
         dom = await self._domain(domain)
-        # virDomainGetInfo returns [state, maxMem KiB, memory KiB, vcpus, cpuTime].
         info = await self._call("info", dom.info, domain.uuid)
-        state = _DOMAIN_STATES.get(info[0], DomainState.OTHER)
-        return DomainInfo(state=state, maximum_kib=int(info[1]))
+        return _domain_info_from(info)
 
     async def set_stats_period(self, domain: DomainRef, seconds: int) -> None:
         dom = await self._domain(domain)
@@ -351,6 +346,26 @@ class LibvirtHypervisor:
         stats: dict[str, int] = await self._call(
             "memoryStats", dom.memoryStats, domain.uuid
         )
+        return self._memory_stats_from(stats)
+
+    async def sample(self, domain: DomainRef) -> tuple[DomainInfo, MemoryStats | None]:
+        dom = await self._domain(domain)
+
+        def read() -> tuple[list[int], dict[str, int] | None]:
+            info = dom.info()
+            if _DOMAIN_STATES.get(info[0]) is not DomainState.RUNNING:
+                return info, None
+            try:
+                return info, dom.memoryStats()
+            except libvirt.libvirtError as exc:
+                exc.balloonctl_call = "memoryStats"
+                raise
+
+        info, stats = await self._call("info", read, domain.uuid)
+        memory = self._memory_stats_from(stats) if stats is not None else None
+        return _domain_info_from(info), memory
+
+    def _memory_stats_from(self, stats: dict[str, int]) -> MemoryStats:
         last_update = stats.get("last_update")
         if self._driver_type == "TEST":
             # libvirt's test driver reports a constant last_update, so its
@@ -401,9 +416,10 @@ class LibvirtHypervisor:
         return HostMemory(available, "node_memory_stats")
 
 
-def _discard_outcome(future: "asyncio.Future[Any]") -> None:
-    if not future.cancelled():
-        future.exception()
+def _domain_info_from(info: list[int]) -> DomainInfo:
+    # virDomainGetInfo returns [state, maxMem KiB, memory KiB, vcpus, cpuTime].
+    state = _DOMAIN_STATES.get(info[0], DomainState.OTHER)
+    return DomainInfo(state=state, maximum_kib=int(info[1]))
 
 
 def _close_reason(reason: int) -> str:

@@ -122,6 +122,12 @@ class FakeHypervisor:
         unused = found.actual - found.used if found.reports_unused else None
         return MemoryStats(found.actual, unused, found.actual, unused, None)
 
+    async def sample(self, domain: DomainRef) -> tuple[DomainInfo, MemoryStats | None]:
+        info = await self.domain_info(domain)
+        if info.state is not DomainState.RUNNING:
+            return info, None
+        return info, await self.memory_stats(domain)
+
     async def domain_xml(self, domain: DomainRef, *, inactive: bool = False) -> str:
         found = await self._get(domain)
         return found.xml

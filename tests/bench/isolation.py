@@ -18,7 +18,7 @@ import itertools
 import time
 from typing import Any
 
-from balloonctl.hypervisor import DomainRef, MemoryStats
+from balloonctl.hypervisor import DomainInfo, DomainRef, MemoryStats
 from balloonctl.libvirt_adapter import LibvirtHypervisor
 from tests.bench import inprocess
 from tests.bench.results import BenchResult, percentile
@@ -63,8 +63,17 @@ class DelayingHypervisor(LibvirtHypervisor):
 
     async def memory_stats(self, domain: DomainRef) -> MemoryStats:
         stats = await super().memory_stats(domain)
-        self.sampled_at.setdefault(domain.uuid, []).append(time.monotonic())
+        self._record(domain)
         return stats
+
+    async def sample(self, domain: DomainRef) -> tuple[DomainInfo, MemoryStats | None]:
+        info, stats = await super().sample(domain)
+        if stats is not None:
+            self._record(domain)
+        return info, stats
+
+    def _record(self, domain: DomainRef) -> None:
+        self.sampled_at.setdefault(domain.uuid, []).append(time.monotonic())
 
 
 def lateness(
