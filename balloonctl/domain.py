@@ -4,6 +4,7 @@ period sample, decide and act."""
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ from balloonctl.errors import (
     DomainNotRunning,
     HypervisorError,
 )
-from balloonctl.hypervisor import DomainRef, DomainState, Hypervisor, MemoryStats
+from balloonctl.hypervisor import DomainRef, Hypervisor, MemoryStats
 from balloonctl.metrics import DomainMetrics
 from balloonctl.policy import (
     Action,
@@ -50,6 +51,21 @@ def sample_from(stats: MemoryStats, maximum_kib: int, taken_at: float) -> Sample
         swap_in=stats.swap_in,
         major_fault=stats.major_fault,
     )
+
+
+def until_next_tick(now: float, period: float) -> float:
+    """Return the seconds from ``now`` to the next multiple of ``period``.
+
+    Every domain task waits for the same ticks, so the tasks sample in the
+    same loop iteration and their calls reach a worker thread as one batch
+    (balloonctl.batching). A tick less than half a period away is skipped,
+    so a domain's first wait is between half a period and one and a half,
+    and every later one is one period.
+    """
+    tick = math.ceil(now / period) * period
+    if tick - now < period / 2:
+        tick += period
+    return tick - now
 
 
 @dataclasses.dataclass
@@ -201,11 +217,12 @@ class DomainWorker:
         )
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._resumed.wait()
             # Read each time: a reload may have changed the period.
             period = float(self._settings.stats_period)
-            delay = period
+            delay: float | None = None
             try:
                 await self._step()
                 self._record_success()
@@ -220,6 +237,8 @@ class DomainWorker:
             except HypervisorError as exc:
                 delay = self._record_failure(exc, period)
             self._report_status()
+            if delay is None:
+                delay = until_next_tick(loop.time(), period)
             await asyncio.sleep(delay)
 
     def _record_success(self) -> None:
@@ -284,13 +303,12 @@ class DomainWorker:
         if not self._period_set:
             await self._try_set_period()
 
-        info = await self._hv.domain_info(self.domain)
-        if info.state is not DomainState.RUNNING:
-            # A lifecycle event normally pauses the task first; this covers a
-            # domain that was paused before balloonctl saw it.
+        info, stats = await self._hv.sample(self.domain)
+        if stats is None:
+            # Not running. A lifecycle event normally pauses the task first;
+            # this covers a domain that was paused before balloonctl saw it.
             return
 
-        stats = await self._hv.memory_stats(self.domain)
         sample = sample_from(stats, info.maximum_kib, self._clock())
         if sample.actual is not None and is_foreign_change(
             self._memory.history, sample.actual
@@ -409,6 +427,10 @@ class DomainWorker:
         self._log_kept(decision, sample, changed)
 
     def _log_kept(self, decision: Decision, sample: Sample, changed: bool) -> None:
+        if not changed and not self._log.isEnabledFor(logging.DEBUG):
+            # Repeats go to debug, every period for every domain; structlog
+            # would drop them only after building the event.
+            return
         figures = {
             "reason": decision.reason.value,
             "actual_kib": sample.actual,

@@ -1,5 +1,5 @@
 from balloonctl.config import Settings
-from balloonctl.domain import DomainMemory, DomainWorker, HostView
+from balloonctl.domain import DomainMemory, DomainWorker, HostView, until_next_tick
 from balloonctl.errors import HypervisorError
 from balloonctl.policy import History, Request, is_foreign_change
 from balloonctl.units import MIB
@@ -49,3 +49,19 @@ def test_overshooting_target_is_foreign() -> None:
 
 def test_jitter_within_tolerance_is_ignored() -> None:
     assert not is_foreign_change(History(last_actual=200 * MIB), 200 * MIB + 100)
+
+
+def test_next_tick_is_a_multiple_of_the_period() -> None:
+    cases = [
+        # (now, period, expected wait)
+        (100.0, 5.0, 5.0),
+        (101.0, 5.0, 4.0),
+        (103.0, 5.0, 7.0),
+        (104.9, 5.0, 5.1),
+        (10.25, 1.0, 0.75),
+        (10.75, 1.0, 1.25),
+    ]
+    for now, period, expected in cases:
+        wait = until_next_tick(now, period)
+        assert abs(wait - expected) < 1e-9, (now, period, wait)
+        assert period / 2 <= wait <= 1.5 * period, (now, period, wait)
