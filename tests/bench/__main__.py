@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -141,16 +142,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-async def run_all(names: list[str], scale: Scale) -> list[BenchResult]:
+async def run_all(
+    names: list[str], scale: Scale, document: dict[str, Any], out: Path
+) -> list[BenchResult]:
+    """Run each benchmark; write the JSON after each, so a failure keeps the rest."""
     results = []
+    document["benchmarks"] = {}
     for name in names:
         started = time.monotonic()
         print(f"bench: running {name}", file=sys.stderr, flush=True)
-        result = await BENCHMARKS[name](scale)
+        try:
+            result = await BENCHMARKS[name](scale)
+        except Exception as exc:
+            traceback.print_exc()
+            result = BenchResult(name, error=f"{type(exc).__name__}: {exc}")
         result.seconds = time.monotonic() - started
         result.load_after = os.getloadavg()
         results.append(result)
+        document["benchmarks"][name] = result.as_json()
+        document["machine"]["load_at_end"] = os.getloadavg()
+        write_document(out, document)
     return results
+
+
+def write_document(out: Path, document: dict[str, Any]) -> None:
+    out.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def main(argv: list[str]) -> int:
@@ -162,12 +178,13 @@ def main(argv: list[str]) -> int:
         "command": "python -m tests.bench " + " ".join(argv),
         "scale": "tiny" if args.tiny else "full",
     }
-    results = asyncio.run(run_all(names, scale))
-    document["benchmarks"] = {result.name: result.as_json() for result in results}
-    document["machine"]["load_at_end"] = os.getloadavg()
-    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    results = asyncio.run(run_all(names, scale, document, args.out))
     print(render(results))
     print(f"bench: results written to {args.out}", file=sys.stderr)
+    failed = [result.name for result in results if result.error is not None]
+    if failed:
+        print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

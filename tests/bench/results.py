@@ -43,6 +43,7 @@ class BenchResult:
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     skipped: str | None = None
+    error: str | None = None
     load_before: tuple[float, float, float] = dataclasses.field(
         default_factory=os.getloadavg
     )
@@ -101,6 +102,8 @@ def render(results: Sequence[BenchResult]) -> str:
         lines.append(header)
         if result.skipped is not None:
             lines.append(f"   skipped: {result.skipped}")
+        if result.error is not None:
+            lines.append(f"   failed: {result.error}")
         for key, figure in result.figures.items():
             lines.append(
                 f"   {key:<56} {_number(figure['min']):>10} "

@@ -68,6 +68,7 @@ def test_benchmark_has_every_figure(tiny_results: dict[str, object], name: str) 
     assert isinstance(benchmarks, dict)
     result = benchmarks[name]
     assert result["skipped"] is None
+    assert result["error"] is None
     assert sorted(result["figures"]) == sorted(EXPECTED_FIGURES[name])
     for key, figure in result["figures"].items():
         assert figure["runs"], key
