@@ -26,12 +26,21 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 STEAL_AFTER_S = 0.05
+DELIVER_CHUNK = 50
 
 
 class Call(Generic[T]):
     """One blocking call and its outcome; ``future`` completes on the loop."""
 
-    __slots__ = ("error", "finished", "func", "future", "outcome", "started")
+    __slots__ = (
+        "error",
+        "finished",
+        "func",
+        "future",
+        "large_batch",
+        "outcome",
+        "started",
+    )
 
     def __init__(self, func: Callable[[], T], future: "asyncio.Future[T]") -> None:
         # Dropped once run: its closure may hold libvirt handles, and a
@@ -43,6 +52,7 @@ class Call(Generic[T]):
         self.finished = False
         self.outcome: Any = None
         self.error: BaseException | None = None
+        self.large_batch = False
 
 
 _Batch = collections.deque[Call[Any]]
@@ -67,6 +77,11 @@ class BatchingExecutor:
         self._done: list[Call[Any]] = []
         self._done_lock = threading.Lock()
         self._wake_scheduled = False
+        # Finished calls whose futures are not completed yet, from batches
+        # of at most DELIVER_CHUNK calls and from larger ones; loop thread only.
+        self._ready_first: _Batch = collections.deque()
+        self._ready: _Batch = collections.deque()
+        self._chunk_scheduled = False
         # Calls whose outcome has not been delivered yet; loop thread only.
         self._undelivered: set[Call[Any]] = set()
         self._closed = False
@@ -101,6 +116,9 @@ class BatchingExecutor:
         self._hand_over(loop, batch)
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
+        if len(batch) > DELIVER_CHUNK:
+            for call in batch:
+                call.large_batch = True
         try:
             self._pool.submit(self._run_batch, loop, batch)
         except RuntimeError as exc:  # the pool was shut down
@@ -147,17 +165,44 @@ class BatchingExecutor:
             done, self._done = self._done, []
             self._wake_scheduled = False
         for call in done:
-            self._undelivered.discard(call)
-            future = call.future
-            outcome, error = call.outcome, call.error
-            call.outcome = call.error = None
-            # A caller that timed out or was cancelled no longer waits.
-            if future.done():
-                continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(outcome)
+            queue = self._ready if call.large_batch else self._ready_first
+            queue.append(call)
+        self._deliver_chunk()
+
+    def _deliver_chunk(self) -> None:
+        """Complete the calls of small batches, then DELIVER_CHUNK of the rest.
+
+        Completing a future makes its task runnable in the next loop
+        iteration. In chunks, the tasks of a batch of a thousand calls (one
+        period of every domain) run over several iterations, and lifecycle
+        events that arrive meanwhile are handled between two chunks. Results
+        of small batches (a new domain's first calls, a balloon target) go
+        first, so they do not wait for the whole period's batch.
+        """
+        while self._ready_first:
+            self._complete(self._ready_first.popleft())
+        for _ in range(min(DELIVER_CHUNK, len(self._ready))):
+            self._complete(self._ready.popleft())
+        if self._ready and not self._chunk_scheduled:
+            self._chunk_scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_chunk)
+
+    def _complete(self, call: Call[Any]) -> None:
+        self._undelivered.discard(call)
+        future = call.future
+        outcome, error = call.outcome, call.error
+        call.outcome = call.error = None
+        # A caller that timed out or was cancelled no longer waits.
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(outcome)
+
+    def _next_chunk(self) -> None:
+        self._chunk_scheduled = False
+        self._deliver_chunk()
 
     def _watch(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
         """Deliver what a slow batch finished and move its unstarted calls."""

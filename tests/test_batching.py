@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from balloonctl.batching import BatchingExecutor
+from balloonctl.batching import DELIVER_CHUNK, BatchingExecutor, Call
 
 pytestmark = pytest.mark.asyncio
 
@@ -86,3 +86,41 @@ async def test_submit_after_shutdown_raises() -> None:
 
     with pytest.raises(RuntimeError, match="after shutdown"):
         executor.submit(lambda: None)
+
+
+async def test_large_batch_completes_in_chunks() -> None:
+    executor = BatchingExecutor(1)
+    calls = [
+        executor.submit(lambda value=value: value) for value in range(3 * DELIVER_CHUNK)
+    ]
+
+    assert await calls[0].future == 0
+    not_done = [call for call in calls if not call.future.done()]
+    results = [await call.future for call in calls]
+    executor.shutdown()
+
+    assert not_done
+    assert results == list(range(3 * DELIVER_CHUNK))
+
+
+async def test_small_batch_completes_before_large_one() -> None:
+    # Finished calls are fed to the delivery step directly, in the order in
+    # which the threads could have finished them: the large batch first.
+    executor = BatchingExecutor(1)
+    loop = asyncio.get_running_loop()
+    large = [Call(lambda: None, loop.create_future()) for _ in range(2 * DELIVER_CHUNK)]
+    small = Call(lambda: None, loop.create_future())
+    for call in [*large, small]:
+        call.finished = True
+        call.outcome = "done"
+    for call in large:
+        call.large_batch = True
+
+    executor._done.extend([*large, small])
+    executor._deliver()
+
+    assert small.future.done()
+    assert sum(call.future.done() for call in large) == DELIVER_CHUNK
+    await asyncio.sleep(0)
+    assert all(call.future.done() for call in large)
+    executor.shutdown()
