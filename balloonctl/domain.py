@@ -53,19 +53,22 @@ def sample_from(stats: MemoryStats, maximum_kib: int, taken_at: float) -> Sample
     )
 
 
-def until_next_tick(now: float, period: float) -> float:
-    """Return the seconds from ``now`` to the next multiple of ``period``.
+def next_tick(now: float, period: float, previous: float | None = None) -> float:
+    """Return the next moment, a multiple of ``period``, to sample a domain.
 
-    Every domain task waits for the same ticks, so the tasks sample in the
-    same loop iteration and their calls reach a worker thread as one batch
-    (balloonctl.batching). A tick less than half a period away is skipped,
-    so a domain's first wait is between half a period and one and a half,
-    and every later one is one period.
+    Every domain task samples at the same ticks, so their calls reach a
+    worker thread as one batch (balloonctl.batching). After ``previous``,
+    the tick the task last sampled at, comes the tick one period later,
+    even when that step ended late. Otherwise (a domain's first sample, a
+    retry after a failure) it is the first tick at least half a period
+    away, so a wait is between half a period and one and a half.
     """
+    if previous is not None and previous + period > now:
+        return previous + period
     tick = math.ceil(now / period) * period
     if tick - now < period / 2:
         tick += period
-    return tick - now
+    return tick
 
 
 @dataclasses.dataclass
@@ -218,6 +221,7 @@ class DomainWorker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        tick: float | None = None
         while True:
             await self._resumed.wait()
             # Read each time: a reload may have changed the period.
@@ -238,7 +242,10 @@ class DomainWorker:
                 delay = self._record_failure(exc, period)
             self._report_status()
             if delay is None:
-                delay = until_next_tick(loop.time(), period)
+                tick = next_tick(loop.time(), period, tick)
+                delay = tick - loop.time()
+            else:
+                tick = None
             await asyncio.sleep(delay)
 
     def _record_success(self) -> None:

@@ -1,5 +1,5 @@
 from balloonctl.config import Settings
-from balloonctl.domain import DomainMemory, DomainWorker, HostView, until_next_tick
+from balloonctl.domain import DomainMemory, DomainWorker, HostView, next_tick
 from balloonctl.errors import HypervisorError
 from balloonctl.policy import History, Request, is_foreign_change
 from balloonctl.units import MIB
@@ -53,15 +53,25 @@ def test_jitter_within_tolerance_is_ignored() -> None:
 
 def test_next_tick_is_a_multiple_of_the_period() -> None:
     cases = [
-        # (now, period, expected wait)
-        (100.0, 5.0, 5.0),
-        (101.0, 5.0, 4.0),
-        (103.0, 5.0, 7.0),
-        (104.9, 5.0, 5.1),
-        (10.25, 1.0, 0.75),
-        (10.75, 1.0, 1.25),
+        # (now, period, expected tick)
+        (100.0, 5.0, 105.0),
+        (101.0, 5.0, 105.0),
+        (103.0, 5.0, 110.0),
+        (104.9, 5.0, 110.0),
+        (10.25, 1.0, 11.0),
+        (10.75, 1.0, 12.0),
     ]
     for now, period, expected in cases:
-        wait = until_next_tick(now, period)
-        assert abs(wait - expected) < 1e-9, (now, period, wait)
-        assert period / 2 <= wait <= 1.5 * period, (now, period, wait)
+        tick = next_tick(now, period)
+        assert abs(tick - expected) < 1e-9, (now, period, tick)
+        assert period / 2 <= tick - now <= 1.5 * period, (now, period, tick)
+
+
+def test_next_tick_keeps_cadence_after_late_step() -> None:
+    assert next_tick(10.7, 1.0, previous=10.0) == 11.0
+    assert next_tick(10.1, 1.0, previous=10.0) == 11.0
+
+
+def test_next_tick_resyncs_after_long_wait() -> None:
+    assert next_tick(15.2, 1.0, previous=10.0) == 16.0
+    assert next_tick(15.8, 1.0, previous=10.0) == 17.0
