@@ -31,7 +31,7 @@ class Scale:
     cost_cases: list[tuple[int, int]]
     cost_windows: int
     cost_window_s: float
-    isolation_domains: int
+    isolation_sizes: list[int]
     isolation_delay_s: float
     isolation_window_s: float
     isolation_repeats: int
@@ -49,7 +49,7 @@ FULL = Scale(
     cost_cases=[(10, 1), (100, 1), (1000, 1), (2000, 1), (1000, 5)],
     cost_windows=5,
     cost_window_s=3.0,
-    isolation_domains=1000,
+    isolation_sizes=[100, 1000],
     isolation_delay_s=5.0,
     isolation_window_s=10.0,
     isolation_repeats=3,
@@ -67,7 +67,7 @@ TINY = Scale(
     cost_cases=[(5, 1)],
     cost_windows=2,
     cost_window_s=1.0,
-    isolation_domains=5,
+    isolation_sizes=[5],
     isolation_delay_s=1.0,
     isolation_window_s=2.0,
     isolation_repeats=1,
@@ -93,7 +93,7 @@ async def _cost(scale: Scale) -> BenchResult:
 
 async def _isolation(scale: Scale) -> BenchResult:
     return await isolation.run(
-        scale.isolation_domains,
+        scale.isolation_sizes,
         scale.isolation_delay_s,
         scale.isolation_window_s,
         scale.isolation_repeats,

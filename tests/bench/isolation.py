@@ -91,16 +91,27 @@ def lateness(
 
 
 async def run(
-    domains: int, delay_s: float, window_s: float, repeats: int
+    sizes: list[int], delay_s: float, window_s: float, repeats: int
 ) -> BenchResult:
     result = BenchResult("isolation")
     result.settings = {
-        "domains": domains,
+        "domains": sizes,
         "delay_s": delay_s,
         "window_s": window_s,
         "repeats": repeats,
         "period_s": PERIOD_S,
     }
+    for size in sizes:
+        runs = await _measure(size, delay_s, window_s, repeats)
+        for key, values in runs.items():
+            unit = "samples" if key.endswith("victim_samples") else "ms"
+            result.add(f"domains_{size}/{key}", values, unit)
+    return result
+
+
+async def _measure(
+    domains: int, delay_s: float, window_s: float, repeats: int
+) -> dict[str, list[float]]:
     runs: dict[str, list[float]] = {}
     async with inprocess.connection() as conn:
         created = await inprocess.create_domains(conn, "bench-iso", domains)
@@ -127,7 +138,4 @@ async def run(
                         sum(1 for when in victim_samples if when >= start)
                     )
             hv.delay_s = 0.0
-    for key, values in runs.items():
-        unit = "samples" if key.endswith("victim_samples") else "ms"
-        result.add(key, values, unit)
-    return result
+    return runs

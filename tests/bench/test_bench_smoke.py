@@ -32,7 +32,7 @@ EXPECTED_FIGURES = {
         )
     ],
     "isolation": [
-        f"{phase}/{name}"
+        f"domains_5/{phase}/{name}"
         for phase in ("baseline", "delayed")
         for name in ("lateness_p50", "lateness_p99", "lateness_max", "victim_samples")
     ],
