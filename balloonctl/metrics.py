@@ -15,6 +15,7 @@ its children with a lock.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 
@@ -278,7 +279,7 @@ class PrometheusHostMetrics(HostMetrics):
     def host_memory(self, available_kib: int | None) -> None:
         gauge = self.families.available
         if available_kib is None:
-            gauge.remove(self.uri)
+            _remove(gauge, self.uri)
         else:
             gauge.labels(self.uri).set(available_kib * 1024)
 
@@ -291,8 +292,7 @@ class PrometheusHostMetrics(HostMetrics):
             families.managed,
             families.last_decision,
         ):
-            # remove() ignores a label set that has no series.
-            gauge.remove(self.uri)
+            _remove(gauge, self.uri)
 
     def decision_made(self) -> None:
         self.families.last_decision.labels(self.uri).set(time.time())
@@ -330,7 +330,7 @@ class PrometheusDomainMetrics(DomainMetrics):
         for gauge, kib in figures:
             # A figure the guest did not report is unknown, not zero.
             if kib is None:
-                gauge.remove(*self._labels)
+                _remove(gauge, *self._labels)
             else:
                 gauge.labels(*self._labels).set(kib * 1024)
         pair = (decision.action.value, decision.reason.value)
@@ -363,7 +363,7 @@ class PrometheusDomainMetrics(DomainMetrics):
     def remove_series(self) -> None:
         self._remove_memory_series()
         for each in STATUSES:
-            self._families.domain_status.remove(*self._labels, each)
+            _remove(self._families.domain_status, *self._labels, each)
         self._status = None
 
     def _remove_memory_series(self) -> None:
@@ -378,7 +378,17 @@ class PrometheusDomainMetrics(DomainMetrics):
             families.released,
             families.granted,
         ):
-            metric.remove(*self._labels)
+            _remove(metric, *self._labels)
         for pair in self._decision_labels:
-            families.decisions.remove(*self._labels, *pair)
+            _remove(families.decisions, *self._labels, *pair)
         self._decision_labels.clear()
+
+
+def _remove(metric: Gauge | Counter, *labels: str) -> None:
+    """Remove one labelled series; a series that does not exist is no error.
+
+    prometheus_client 0.20 raises KeyError for a label set without a
+    series, and 0.26 ignores it.
+    """
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)
