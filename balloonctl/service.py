@@ -118,6 +118,7 @@ class Supervisor:
         self.stop = asyncio.Event()
         self._locks: list[lock.HostLock] = []
         self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
         # READY=1 was sent; a reload before that must not send it early.
         self._ready = False
         self._log = structlog.stdlib.get_logger("balloonctl")
@@ -243,10 +244,22 @@ class Supervisor:
             await asyncio.sleep(self._notifier.watchdog_s)
 
     def request_reload(self) -> None:
-        """Handle SIGHUP: re-read the config file in the background."""
+        """Handle SIGHUP: re-read the config file in the background.
+
+        A SIGHUP during a reload makes that reload run once more when it
+        ends, so a file changed in between is not missed.
+        """
         if self._reloading is not None and not self._reloading.done():
-            return  # the file is read again by the reload that runs
-        self._reloading = asyncio.create_task(self.reload(), name="reload")
+            self._reload_again = True
+            return
+        self._reloading = asyncio.create_task(self._reload_until_current())
+
+    async def _reload_until_current(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again:
+                return
 
     async def reload(self) -> None:
         """Re-read the config file and apply what changed; log the outcome."""

@@ -158,7 +158,7 @@ def test_other_watchdog_pid_sends_no_pings(
     )
     with child:
         notify_socket.receive_until("READY")
-        # At 0.1 s a ping, two periods of the domain would show many.
+        # With a ping due every 0.1 s, two periods would carry several.
         child.wait_event("memory_released", timeout=20)
         child.wait_event("memory_released", timeout=20)
         child.send(signal.SIGTERM)

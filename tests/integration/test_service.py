@@ -176,7 +176,7 @@ async def test_ready_after_every_host_settles(tmp_path: Path, logs: LogCapture) 
 def real_or_fake(fake: FakeHypervisor) -> Any:
     """Build the real adapter for test-driver URIs and return ``fake`` for its own.
 
-    The fake stands in for a remote host whose connection is refused at
+    The fake plays a remote host whose connection is refused at
     start and dropped later, which the test driver cannot do on demand.
     """
 
