@@ -226,3 +226,29 @@ def test_dry_run_supervisor_builds_read_only(tmp_path: Path) -> None:
     supervisor = Supervisor(settings)
 
     assert [hv.read_only for hv in supervisor.hypervisors] == [True]
+
+
+@pytest.mark.asyncio
+async def test_sighup_during_reload_reruns_it(tmp_path: Path, logs: LogCapture) -> None:
+    config = tmp_path / "balloonctl.toml"
+    config.write_text("stuck_periods = 3\n")
+    flags = {"uri": TEST_URI, "state_dir": str(tmp_path)}
+    supervisor = Supervisor(load_settings(config, flags), config=config, flags=flags)
+    real_reload = supervisor.reload
+    calls = 0
+
+    async def reload_with_sighup() -> None:
+        # A second SIGHUP arrives while the first reload runs.
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            supervisor.request_reload()
+        await real_reload()
+
+    supervisor.reload = reload_with_sighup  # type: ignore[method-assign]
+    supervisor.request_reload()
+    await logs.wait_for(lambda line: len(logs.events("config_reloaded")) == 2)
+    for hypervisor in supervisor.hypervisors:
+        hypervisor.shutdown_threads()
+
+    assert calls == 2
