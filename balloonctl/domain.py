@@ -13,6 +13,7 @@ import structlog
 from balloonctl.config import Settings
 from balloonctl.domain_policy import DomainPolicy, resolve
 from balloonctl.errors import (
+    CallStillRunning,
     CallTimedOut,
     Disconnected,
     DomainGone,
@@ -131,6 +132,8 @@ class DomainWorker:
         self._period_set = False
         self._period_failed = False
         self._failures = 0
+        # Failures that lengthen the retry delay; skipped calls do not count.
+        self._backoff_steps = 0
         self._rejected_targets: set[int] = set()
         self._log = structlog.stdlib.get_logger("balloonctl").bind(
             uri=hypervisor.uri, domain=domain.name, uuid=domain.uuid
@@ -252,13 +255,21 @@ class DomainWorker:
         if self._failures:
             self._log.info("domain_call_recovered", failures=self._failures)
         self._failures = 0
+        self._backoff_steps = 0
 
     def _record_failure(self, exc: HypervisorError, period: float) -> float:
         self._failures += 1
         level = logging.WARNING if self._failures == 1 else logging.DEBUG
-        # The exponent is capped so that a long outage cannot overflow it.
-        backoff: float = period * 2 ** min(self._failures - 1, 16)
-        delay = min(backoff, max(MAX_BACKOFF_S, period))
+        if isinstance(exc, CallStillRunning):
+            # Nothing reached libvirt, so retrying every period costs nothing
+            # and the domain is sampled within a period of the stuck call
+            # returning (a QEMU process that was stopped, say).
+            delay = period
+        else:
+            self._backoff_steps += 1
+            # The exponent is capped so that a long outage cannot overflow it.
+            backoff: float = period * 2 ** min(self._backoff_steps - 1, 16)
+            delay = min(backoff, max(MAX_BACKOFF_S, period))
         self._log.log(
             level,
             "domain_call_failed",

@@ -21,6 +21,10 @@ class CallTimedOut(HypervisorError):
     """A call did not return within the call timeout."""
 
 
+class CallStillRunning(CallTimedOut):
+    """A call was not made because an earlier one for the domain has not returned."""
+
+
 class Disconnected(HypervisorError):
     """The connection to the hypervisor is closed or broken."""
 

@@ -17,6 +17,7 @@ import libvirtaio
 
 from balloonctl.batching import BatchingExecutor, Call
 from balloonctl.errors import (
+    CallStillRunning,
     CallTimedOut,
     Disconnected,
     DomainGone,
@@ -171,11 +172,11 @@ class LibvirtHypervisor:
 
         Calls with the same ``key`` (a domain uuid) never overlap: while an
         earlier call for that domain is still stuck in its thread, a new one
-        fails at once instead of taking another thread.
+        raises CallStillRunning at once instead of taking another thread.
         """
         previous = self._in_flight.get(key) if key else None
         if previous is not None and not previous.finished:
-            raise CallTimedOut(f"{what} skipped: an earlier call is still running")
+            raise CallStillRunning(f"{what} skipped: an earlier call is still running")
 
         limit = self._call_timeout if limit_s is None else limit_s
         # NOTE: libvirt may update its event handles from the thread that

@@ -9,7 +9,7 @@ import pytest_asyncio
 from balloonctl import controller as controller_module
 from balloonctl.config import Settings
 from balloonctl.controller import Controller
-from balloonctl.errors import HypervisorError
+from balloonctl.errors import CallStillRunning, HypervisorError
 from balloonctl.hypervisor import LifecycleKind
 from balloonctl.units import MIB
 from tests.fakes import FakeHypervisor
@@ -85,6 +85,27 @@ async def test_failing_domain_does_not_disturb_others(
     assert all(line["level"] == "debug" for line in failures[1:])
     assert [line["retry_in_s"] for line in failures] == [1.0, 2.0][: len(failures)]
     assert len(beta.targets) >= 3
+
+
+async def test_skipped_call_retried_every_period(
+    fake: FakeHypervisor, logs: LogCapture
+) -> None:
+    # The adapter skips a call while an earlier one for the domain is stuck
+    # in its thread; the fake raises that error directly.
+    alpha, _ = fake.domains.values()
+    alpha.fail_with = CallStillRunning("memoryStats skipped: an earlier call runs")
+
+    async for _controller in run_controller(fake, logs):
+        for failures in (1, 2, 3):
+            await logs.wait_event(
+                "domain_call_failed", domain="alpha", failures=failures, timeout=3
+            )
+        alpha.fail_with = None
+        await logs.wait_event("domain_call_recovered", domain="alpha", timeout=3)
+
+    failed = logs.events("domain_call_failed", domain="alpha")
+    assert [line["retry_in_s"] for line in failed] == [1.0] * len(failed)
+    assert all(line["timed_out"] for line in failed)
 
 
 async def test_hung_domain_does_not_delay_others(

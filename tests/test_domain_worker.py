@@ -19,6 +19,7 @@ def test_backoff_stays_capped_after_many_failures() -> None:
         on_disconnected=lambda why: None,
     )
     worker._failures = 5000
+    worker._backoff_steps = 5000
 
     delay = worker._record_failure(HypervisorError("still failing"), 5.0)
 
