@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ from balloonctl.hypervisor import (
     DomainState,
     EventSink,
     HostMemory,
+    HypervisorEvent,
     LifecycleEvent,
     LifecycleKind,
     MemoryStats,
@@ -67,6 +69,57 @@ _CONNECTION_ERRORS = {
 }
 
 
+class EventLoopImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
+    """libvirtaio's event implementation, safe to call from libvirt's threads.
+
+    libvirt adds, updates and removes its handles and timers from whichever
+    thread runs a libvirt call, so these methods also run in the worker
+    threads. libvirtaio then schedules loop work with calls that do not wake
+    a loop waiting in select(), and a queued event could wait for the next
+    timer of some other task. Each call from another thread now wakes the
+    loop. Calls after the loop closed (at exit, when the last reference to a
+    connection goes away) are ignored; libvirtaio raised RuntimeError, which
+    libvirt-python printed as a traceback on stderr.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._loop_thread = threading.get_ident()
+
+    def _relay(self, method: Callable[..., T], closed_result: T, *args: Any) -> T:
+        if self.loop.is_closed():
+            return closed_result
+        result = method(*args)
+        if threading.get_ident() != self._loop_thread:
+            self.loop.call_soon_threadsafe(_do_nothing)
+        return result
+
+    def _add_handle(self, fd: int, event: int, cb: Any, opaque: Any) -> int:
+        return self._relay(super()._add_handle, -1, fd, event, cb, opaque)
+
+    def _update_handle(self, watch: int, event: int) -> None:
+        self._relay(super()._update_handle, None, watch, event)
+
+    def _remove_handle(self, watch: int) -> int:
+        return self._relay(super()._remove_handle, -1, watch)
+
+    def _add_timeout(self, timeout: int, cb: Any, opaque: Any) -> int:
+        return self._relay(super()._add_timeout, -1, timeout, cb, opaque)
+
+    def _update_timeout(self, timer: int, timeout: int) -> None:
+        self._relay(super()._update_timeout, None, timer, timeout)
+
+    def _remove_timeout(self, timer: int) -> int:
+        return self._relay(super()._remove_timeout, -1, timer)
+
+
+def _do_nothing() -> None:
+    pass
+
+
+_event_impl: EventLoopImpl | None = None
+
+
 def register_event_loop() -> None:
     """Bind libvirt's event loop to the running asyncio loop.
 
@@ -75,10 +128,12 @@ def register_event_loop() -> None:
     dispatch nothing, and libvirt allows only one per process, so that case
     is an error rather than a silent loss of events.
     """
+    global _event_impl
     loop = asyncio.get_running_loop()
-    current = libvirtaio.getCurrentImpl()
+    current = _event_impl or libvirtaio.getCurrentImpl()
     if current is None:
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        _event_impl = EventLoopImpl(loop)
+        _event_impl.register()
         return
     if current.loop is not loop:
         raise RuntimeError(
@@ -179,9 +234,9 @@ class LibvirtHypervisor:
             raise CallStillRunning(f"{what} skipped: an earlier call is still running")
 
         limit = self._call_timeout if limit_s is None else limit_s
-        # NOTE: libvirt may update its event handles from the thread that
-        # makes a call, so libvirtaio's callbacks can run off the loop
-        # thread. No lost event or hang has been seen here, but libvirtaio
+        # NOTE: libvirt updates its event handles from the thread that makes
+        # a call, so EventLoopImpl's methods also run in these threads. They
+        # change libvirtaio's tables under the GIL only; libvirtaio
         # (libvirt-python 12.8) does not document thread safety.
         call = self._executor.submit(func)
         if key:
@@ -221,7 +276,18 @@ class LibvirtHypervisor:
             await self._call("setKeepAlive", lambda: self._conn.setKeepAlive(5, 3))
             self.keepalive = True
 
-    async def _register_events(self, on_event: EventSink) -> None:
+    async def _register_events(self, sink: EventSink) -> None:
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+
+        def on_event(item: HypervisorEvent) -> None:
+            # libvirt runs the close callback in the thread whose call found
+            # the connection closed; the sink must run on the loop.
+            if threading.get_ident() == loop_thread:
+                sink(item)
+            else:
+                loop.call_soon_threadsafe(sink, item)
+
         def lifecycle(
             _conn: Any, dom: Any, event: int, detail: int, _opaque: Any
         ) -> None:

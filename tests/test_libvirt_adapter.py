@@ -1,15 +1,16 @@
-"""The libvirt adapter's call wrapper: timeouts and calls stuck in a thread."""
+"""The libvirt adapter's call wrapper and its event-loop implementation."""
 
+import asyncio
 import threading
+import time
 
 import pytest
 
 from balloonctl.errors import CallStillRunning, CallTimedOut
-from balloonctl.libvirt_adapter import LibvirtHypervisor
-
-pytestmark = pytest.mark.asyncio
+from balloonctl.libvirt_adapter import EventLoopImpl, LibvirtHypervisor
 
 
+@pytest.mark.asyncio
 async def test_call_behind_stuck_call_is_skipped() -> None:
     hypervisor = LibvirtHypervisor("test:///default", call_timeout=0.05)
     release = threading.Event()
@@ -25,3 +26,57 @@ async def test_call_behind_stuck_call_is_skipped() -> None:
 
     assert not isinstance(first.value, CallStillRunning)
     assert other == 2
+
+
+def test_event_impl_ignores_calls_after_loop_closed() -> None:
+    # Not registered with libvirt, which takes one implementation per process.
+    loop = asyncio.new_event_loop()
+    impl = EventLoopImpl(loop)
+    timer = loop.run_until_complete(_add_timer(impl))
+    loop.close()
+
+    impl._update_timeout(timer, 0)
+    assert impl._remove_timeout(timer) == -1
+    assert impl._add_timeout(0, _ignore_timer, None) == -1
+
+
+def test_event_impl_wakes_loop_for_other_thread() -> None:
+    loop = asyncio.new_event_loop()
+    impl = EventLoopImpl(loop)
+    fired = asyncio.Event()
+
+    def on_timer(_timer: int, _opaque: object) -> None:
+        fired.set()
+
+    timers: list[int] = []
+
+    def add_once_loop_waits() -> None:
+        time.sleep(0.5)
+        timers.append(impl._add_timeout(0, on_timer, None))
+
+    async def add_from_thread_and_wait() -> None:
+        # Nothing else wakes this loop: without the wake-up the timer task,
+        # scheduled from the thread, would run only when wait_for gives up.
+        thread = threading.Thread(target=add_once_loop_waits)
+        thread.start()
+        await asyncio.wait_for(fired.wait(), 30)
+        thread.join()
+        # Stop the repeating timer so that no task is pending at close.
+        impl._update_timeout(timers[0], -1)
+        await asyncio.sleep(0)
+
+    try:
+        loop.run_until_complete(add_from_thread_and_wait())
+    finally:
+        loop.close()
+
+    assert fired.is_set()
+
+
+async def _add_timer(impl: EventLoopImpl) -> int:
+    timer: int = impl._add_timeout(-1, _ignore_timer, None)
+    return timer
+
+
+def _ignore_timer(_timer: int, _opaque: object) -> None:
+    pass
