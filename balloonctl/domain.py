@@ -135,6 +135,9 @@ class DomainWorker:
         # Failures that lengthen the retry delay; skipped calls do not count.
         self._backoff_steps = 0
         self._rejected_targets: set[int] = set()
+        # Set when the domain could not be observed for a while (paused, or
+        # its calls failing), so the next sample starts the stale clock anew.
+        self._restart_stale_clock = False
         self._log = structlog.stdlib.get_logger("balloonctl").bind(
             uri=hypervisor.uri, domain=domain.name, uuid=domain.uuid
         )
@@ -178,6 +181,8 @@ class DomainWorker:
     def resume(self) -> None:
         if not self._resumed.is_set():
             self._log.info("domain_resumed")
+            # A paused guest cannot report; its silence is not staleness.
+            self._restart_stale_clock = True
         self._resumed.set()
 
     def reload_policy(self, *, redefined: bool = False) -> None:
@@ -243,6 +248,7 @@ class DomainWorker:
                 self._on_disconnected(str(exc))
             except HypervisorError as exc:
                 delay = self._record_failure(exc, period)
+                self._restart_stale_clock = True
             self._report_status()
             if delay is None:
                 tick = next_tick(loop.time(), period, tick)
@@ -328,6 +334,11 @@ class DomainWorker:
             return
 
         sample = sample_from(stats, info.maximum_kib, self._clock())
+        if self._restart_stale_clock:
+            self._memory.history = dataclasses.replace(
+                self._memory.history, report_seen_at=None
+            )
+            self._restart_stale_clock = False
         if sample.actual is not None and is_foreign_change(
             self._memory.history, sample.actual
         ):

@@ -34,6 +34,8 @@ class FakeDomain:
     fail_with: Exception | None = None
     hang: bool = False
     reports_unused: bool = True
+    # The guest's own timestamp of its statistics; None means not reported.
+    last_update: int | None = None
     # Targets above this are rejected as libvirt rejects one above maximum.
     reject_above: int | None = None
     targets: list[int] = dataclasses.field(default_factory=list)
@@ -120,7 +122,9 @@ class FakeHypervisor:
         if found.stats is not None:
             return found.stats
         unused = found.actual - found.used if found.reports_unused else None
-        return MemoryStats(found.actual, unused, found.actual, unused, None)
+        return MemoryStats(
+            found.actual, unused, found.actual, unused, found.last_update
+        )
 
     async def sample(self, domain: DomainRef) -> tuple[DomainInfo, MemoryStats | None]:
         info = await self.domain_info(domain)

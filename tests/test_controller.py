@@ -108,6 +108,36 @@ async def test_skipped_call_retried_every_period(
     assert all(line["timed_out"] for line in failed)
 
 
+async def test_pause_does_not_make_stats_stale(
+    fake: FakeHypervisor, logs: LogCapture
+) -> None:
+    alpha, _ = fake.domains.values()
+    alpha.last_update = 1000
+
+    async for _controller in run_controller(fake, logs):
+        await logs.wait_event("memory_released", domain="alpha")
+        fake.emit(alpha, LifecycleKind.SUSPENDED)
+        await logs.wait_event("domain_paused", domain="alpha")
+        # Longer than the three periods after which a silent guest is stale.
+        await asyncio.sleep(4)
+        fake.emit(alpha, LifecycleKind.RESUMED)
+        resumed = await logs.wait_event("domain_resumed", domain="alpha")
+        resumed_at = resumed["timestamp"]
+        sampled = await logs.wait_for(
+            lambda line, since=resumed_at: (
+                line["event"] == "memory_kept"
+                and line.get("domain") == "alpha"
+                and line["timestamp"] > since
+            ),
+            timeout=3,
+        )
+
+    # The guest has not reported since before the pause, so nothing is
+    # released, and the pause does not count toward staleness.
+    assert sampled["reason"] == "no_new_report"
+    assert logs.events("stats_stale", domain="alpha") == []
+
+
 async def test_hung_domain_does_not_delay_others(
     fake: FakeHypervisor, logs: LogCapture
 ) -> None:
