@@ -52,6 +52,8 @@ LIBVIRTD_BINARY = Path("/usr/sbin/libvirtd")
 QEMU_BINARY = Path("/usr/bin/qemu-system-x86_64")
 LIBVIRT_CONFIG_DIR = Path("/etc/libvirt")
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+# libvirtd's QEMU driver, running as root, writes each domain's QEMU pid here.
+QEMU_STATE_DIR = Path("/run/libvirt/qemu")
 
 DOMAIN_PREFIX = "bctl-e2e-"
 
@@ -345,9 +347,27 @@ class Libvirtd:
             raise RuntimeError(
                 "cannot restart a libvirtd that this harness did not start"
             )
+        self.kill(sig)
+        self.respawn()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to libvirtd and wait for it to exit; guests keep running.
+
+        Call respawn() to start the daemon again. Raises RuntimeError for a
+        reused daemon.
+        """
+        if self._reused:
+            raise RuntimeError("cannot kill a libvirtd that this harness did not start")
         if self._process is None:
             raise RuntimeError("libvirtd is not running: call start() first")
         self._signal_and_wait(sig)
+
+    def respawn(self) -> None:
+        """Start libvirtd again after kill() and wait until connecting works."""
+        if self._process is None:
+            raise RuntimeError("libvirtd was never started: call start() first")
+        if self._process.poll() is None:
+            raise RuntimeError(f"libvirtd (pid {self._process.pid}) is still running")
         self._spawn()
         self._wait_until_answering()
 
@@ -463,6 +483,9 @@ class Guest:
     the same as a shutdown from inside the guest. console_log() shows the
     panic message.
 
+    ``persistent=True`` defines the domain (defineXML) and starts it
+    (virDomainCreate) instead, and destroy() also undefines it.
+
     Using it as a context manager calls start() on entry and destroy() on
     exit. destroy() can be called any number of times.
     """
@@ -477,6 +500,7 @@ class Guest:
         metadata_xml: str | None = None,
         vcpus: int = 1,
         memballoon_attributes: dict[str, str] | None = None,
+        persistent: bool = False,
     ) -> None:
         full_name = name if name.startswith(DOMAIN_PREFIX) else DOMAIN_PREFIX + name
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", full_name):
@@ -495,6 +519,7 @@ class Guest:
         self.metadata_xml = metadata_xml
         self.vcpus = vcpus
         self.memballoon_attributes = dict(memballoon_attributes or {})
+        self.persistent = persistent
         self._domain: libvirt.virDomain | None = None
         self._workdir: Path | None = None
         self._socket: socket.socket | None = None
@@ -524,7 +549,7 @@ class Guest:
         return cmdline
 
     def domain_xml(self) -> str:
-        """Return the domain XML that start() passes to createXML."""
+        """Return the domain XML that start() passes to createXML or defineXML."""
         if self._workdir is None:
             raise RuntimeError("domain_xml() needs the guest's directory: call start()")
         metadata = (
@@ -576,7 +601,11 @@ class Guest:
         self._check_socket_path()
         self._started_at = time.monotonic()
         try:
-            self._domain = self.conn.createXML(self.domain_xml(), 0)
+            if self.persistent:
+                self._domain = self.conn.defineXML(self.domain_xml())
+                self._domain.create()
+            else:
+                self._domain = self.conn.createXML(self.domain_xml(), 0)
         except BaseException:
             self.destroy()
             raise
@@ -654,6 +683,12 @@ class Guest:
         path = QEMU_LOG_DIR / f"{self.name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def qemu_pid(self) -> int:
+        """Return the pid of the domain's QEMU process, from libvirtd's pid file."""
+        if self._domain is None:
+            raise RuntimeError(f"guest {self.name} is not running")
+        return int((QEMU_STATE_DIR / f"{self.name}.pid").read_text().strip())
+
     def reconnect(self, conn: libvirt.virConnect) -> None:
         """Use ``conn`` from now on and look the domain up again through it.
 
@@ -710,7 +745,9 @@ class Guest:
             ):
                 raise
         finally:
-            self._domain = None
+            domain, self._domain = self._domain, None
+            if self.persistent:
+                _undefine_if_defined(domain)
 
     def _remove_workdir(self) -> None:
         if self._workdir is not None:
@@ -804,6 +841,14 @@ class Guest:
                 self._close_socket()
                 raise ConnectionError(f"guest {self.name}: shell socket closed by QEMU")
             self._buffer += chunk
+
+
+def _undefine_if_defined(domain: libvirt.virDomain) -> None:
+    try:
+        domain.undefine()
+    except libvirt.libvirtError as error:
+        if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
 
 
 def _shell_line(command: str, nonce: str) -> bytes:
