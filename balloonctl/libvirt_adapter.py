@@ -45,6 +45,10 @@ T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
+# How long close() waits for calls still running in worker threads. A call
+# that takes longer is left behind as stuck.
+CLOSE_WAIT_S = 0.5
+
 _LIFECYCLE_KINDS = {
     libvirt.VIR_DOMAIN_EVENT_DEFINED: LifecycleKind.DEFINED,
     libvirt.VIR_DOMAIN_EVENT_STARTED: LifecycleKind.STARTED,
@@ -336,6 +340,7 @@ class LibvirtHypervisor:
         return ref
 
     async def close(self) -> None:
+        await self._let_running_calls_finish(CLOSE_WAIT_S)
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -350,6 +355,20 @@ class LibvirtHypervisor:
             self._close_callback_set = False
         await self._quietly("close", conn.close)
         self._domains.clear()
+
+    async def _let_running_calls_finish(self, limit_s: float) -> None:
+        """Wait up to ``limit_s`` seconds for calls still in worker threads.
+
+        The tasks that made them may be cancelled already, but a call that
+        was a few milliseconds from returning would otherwise count as stuck
+        at exit (``exit_with_calls_in_flight``).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        # Polled: a worker thread signals nothing when a call finishes whose
+        # caller was cancelled.
+        while self.busy_calls() and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
     async def _quietly(self, what: str, func: Callable[[], object]) -> None:
         # Closing must not hold up a shutdown, even with libvirtd hung.

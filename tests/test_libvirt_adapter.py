@@ -80,3 +80,18 @@ async def _add_timer(impl: EventLoopImpl) -> int:
 
 def _ignore_timer(_timer: int, _opaque: object) -> None:
     pass
+
+
+@pytest.mark.asyncio
+async def test_close_waits_for_nearly_finished_call() -> None:
+    hypervisor = LibvirtHypervisor("test:///default", call_timeout=0.05)
+    try:
+        with pytest.raises(CallTimedOut):
+            await hypervisor._call("memoryStats", lambda: time.sleep(0.2), key="u")
+        assert hypervisor.busy_calls() == 1
+        await hypervisor.close()
+        busy_after_close = hypervisor.busy_calls()
+    finally:
+        hypervisor.shutdown_threads()
+
+    assert busy_after_close == 0
