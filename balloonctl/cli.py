@@ -10,6 +10,7 @@ import faulthandler
 import json
 import os
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,13 @@ from pathlib import Path
 import structlog
 
 from balloonctl import __version__
-from balloonctl.config import LOG_FORMATS, LOG_LEVELS, ConfigError, Settings
+from balloonctl.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    Settings,
+    insecure_reason,
+)
 from balloonctl.controller import ConnectFailed
 from balloonctl.errors import HypervisorError
 from balloonctl.hypervisor import HostMemory
@@ -266,10 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "plan":
         configure_logging("console", "warning", sys.stderr)
         silence_libvirt_stderr()
+        _warn_if_insecure(args.config)
         return asyncio.run(_plan(settings, args.json))
 
     configure_logging(settings.log_format, settings.log_level, threaded=True)
     silence_libvirt_stderr()
+    _warn_if_insecure(args.config)
     exporter = MetricsExporter(settings.metrics_listen)
     try:
         return _run(
@@ -284,6 +293,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     finally:
         stop_log_writer()
+
+
+def _warn_if_insecure(config: Path | None) -> None:
+    """Log config_insecure when other users could change the config file.
+
+    This is a warning and not a refusal: the file was already readable to
+    them, and a service that stops at boot over a mode is worse for most
+    operators than one that says so in every start-up log.
+    """
+    if config is None:
+        return
+    reason = insecure_reason(config)
+    if reason is None:
+        return
+    mode = stat.S_IMODE(config.stat().st_mode)
+    structlog.stdlib.get_logger("balloonctl").warning(
+        "config_insecure",
+        path=str(config),
+        mode=f"{mode:04o}",
+        owner_uid=config.stat().st_uid,
+        reason=f"{reason}; make it writable by its owner only (chmod go-w) and "
+        "owned by root or the user balloonctl runs as",
+    )
 
 
 def _check_config(path: Path) -> int:

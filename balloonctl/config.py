@@ -3,7 +3,9 @@
 import dataclasses
 import ipaddress
 import math
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -341,6 +343,30 @@ def _read_text(path: Path) -> str:
             f"config file {str(path)!r} is not UTF-8 text (invalid byte at "
             f"offset {exc.start}); save it as UTF-8"
         ) from exc
+
+
+def insecure_reason(path: Path) -> str | None:
+    """Return why other users could change the config file, or None.
+
+    The file decides which guests are shrunk and how far, so a file that a
+    group or other users may write, or one that another non-root user owns
+    while balloonctl runs as root, lets them control the guests.
+    """
+    try:
+        status = path.stat()
+    except OSError:
+        return None  # load_file reports a file that cannot be read
+    problems = []
+    if status.st_mode & stat.S_IWGRP:
+        problems.append("writable by its group")
+    if status.st_mode & stat.S_IWOTH:
+        problems.append("writable by other users")
+    euid = os.geteuid()
+    if euid == 0 and status.st_uid != 0:
+        problems.append(f"owned by uid {status.st_uid} while balloonctl runs as root")
+    elif euid != 0 and status.st_uid not in (0, euid):
+        problems.append(f"owned by uid {status.st_uid}, another user")
+    return ", ".join(problems) if problems else None
 
 
 def load_file(path: Path) -> dict[str, Any]:
