@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install deps demo test lint typecheck unit e2e guest simulate bench clean
+.PHONY: install deps demo test lint typecheck unit e2e guest simulate bench soak clean
 
 install: $(STAMP)
 
@@ -58,6 +58,18 @@ simulate: install
 # those; BENCH_SKIP_REAL=1 skips the real-guest part. About 15 minutes.
 bench: install
 	$(BIN)/python -m tests.bench $(BENCH)
+
+# The churn soak of tests/integration/test_soak.py, longer than in `make
+# test` (500 domains over 60 s, 20 running at once): by default 2000
+# domains over 600 s with 50 running at once. Override SOAK_SECONDS,
+# SOAK_DOMAINS and SOAK_IN_FLIGHT.
+SOAK_SECONDS ?= 600
+SOAK_DOMAINS ?= 2000
+SOAK_IN_FLIGHT ?= 50
+
+soak: install
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_DOMAINS=$(SOAK_DOMAINS) \
+		SOAK_IN_FLIGHT=$(SOAK_IN_FLIGHT) $(BIN)/pytest -m soak -s -q
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -129,6 +129,10 @@ class Controller:
     def task_count(self) -> int:
         return sum(1 for entry in self._entries.values() if not entry.task.done())
 
+    def queue_depth(self) -> int:
+        """Return how many events wait in the queue for the main task."""
+        return self._queue.qsize()
+
     def managed_count(self) -> int:
         """Return how many domains are managed, not excluded or invalid."""
         now = self._clock()
