@@ -1,6 +1,7 @@
 """The metrics observers, the endpoint and the listen address setting."""
 
 import asyncio
+import contextlib
 import re
 import socket
 import time
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from balloonctl import controller as controller_module
+from balloonctl import metrics_server
 from balloonctl.config import (
     ConfigError,
     ListenAddress,
@@ -431,6 +433,60 @@ async def test_stop_closes_the_socket(logs: LogCapture) -> None:
 
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
         pass
+
+
+def trickle_until_closed(port: int | None, interval: float, limit: float) -> float:
+    """Send one byte every ``interval`` s until the server closes the socket.
+
+    Returns how long the connection lasted, or ``limit`` if it never closed.
+    """
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), 2) as client:
+        client.settimeout(interval)
+        for byte in b"GET /metrics HTTP/1.1\r\n" * 10:
+            if time.monotonic() - started > limit:
+                break
+            try:
+                client.sendall(bytes([byte]))
+                if client.recv(1) == b"":
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+    return time.monotonic() - started
+
+
+@pytest.mark.asyncio
+async def test_trickling_client_loses_its_slot(
+    logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics_server, "CONNECTION_DEADLINE_S", 1.0)
+    monkeypatch.setattr(metrics_server, "MAX_CONNECTIONS", 2)
+    running = MetricsExporter(ListenAddress("127.0.0.1", 0))
+    running.start()
+    try:
+        lasted = await asyncio.gather(
+            *(
+                asyncio.to_thread(trickle_until_closed, running.port, 0.2, 6.0)
+                for _ in range(2)
+            )
+        )
+        # The server frees a slot just after it closes the connection, so
+        # the first scrape may still find both slots taken.
+        status = 0
+        for _ in range(20):
+            with contextlib.suppress(OSError):
+                status, _, _ = await asyncio.to_thread(fetch, running.port, "/metrics")
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await running.stop()
+
+    # Each read arrives well within the per-read timeout, so only the
+    # connection deadline can have closed them.
+    assert max(lasted) < 4.0
+    assert status == 200
 
 
 def test_disabled_exporter_opens_nothing() -> None:
