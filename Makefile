@@ -21,10 +21,14 @@ $(STAMP): pyproject.toml scripts/install-deps.sh
 	touch $@
 
 # About 20 s of the controller against libvirt's built-in test driver, which
-# runs inside the process: no daemon and no root needed.
+# runs inside the process: no daemon needed. Its lock and state files go
+# under the venv rather than /run/balloonctl, so the demo needs no root
+# beyond what `make install` does.
 demo: install
+	mkdir -p $(VENV)/demo-state
 	timeout --preserve-status --signal=TERM 20 \
-		$(BIN)/balloonctl run --uri test:///default --stats-period 1 --log-format json
+		$(BIN)/balloonctl run --uri test:///default --stats-period 1 \
+		--log-format json --state-dir $(VENV)/demo-state
 
 lint: install
 	$(BIN)/ruff format --check balloonctl tests

@@ -5,11 +5,14 @@
 #
 # Run as root on Debian 12 (bookworm). It needs only the Debian package
 # mirror. libvirt-python itself comes from PyPI through the project's own
-# Python tooling; pip builds it from source, which is why gcc, pkg-config
-# and libvirt-dev are in this list.
+# Python tooling; pip builds it from source, which is why gcc, pkg-config,
+# libvirt-dev and python3-dev are in this list. python3-venv lets Debian's
+# own python3 create the project's virtual environment.
 set -eu
 
 PACKAGES="
+    python3-venv
+    python3-dev
     libvirt-daemon
     libvirt-daemon-driver-qemu
     libvirt-clients

@@ -251,6 +251,7 @@ def test_unit_file_has_required_settings() -> None:
 
     assert settings["Type"] == "notify"
     assert settings["Restart"] == "on-failure"
+    assert settings["RestartPreventExitStatus"] == "2"
     assert settings["RuntimeDirectory"] == "balloonctl"
     assert settings["WatchdogSec"] == "30s"
     assert settings["ProtectSystem"] == "strict"
