@@ -159,6 +159,9 @@ class DomainWorker:
         until = memory.history.manual_until
         if until is not None and now < until:
             return "grace", f"manual change; releases resume in {until - now:.0f} s"
+        if memory.missing:
+            missing = ", ".join(memory.missing)
+            return "no_stats", f"the guest reports no balloon statistics ({missing})"
         if memory.stale:
             return "stale", "the guest's statistics stopped advancing"
         return "managed", ""

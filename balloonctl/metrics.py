@@ -44,6 +44,7 @@ STATUSES = (
     "stuck",
     "grace",
     "stale",
+    "no_stats",
     "paused",
     "excluded",
     "invalid",

@@ -16,7 +16,7 @@ from balloonctl.hypervisor import (
     Hypervisor,
     MemoryStats,
 )
-from balloonctl.policy import History, decide
+from balloonctl.policy import Decision, History, decide
 from balloonctl.state import read_state, state_path
 from balloonctl.units import format_size
 
@@ -81,7 +81,7 @@ async def plan_domain(
     return PlanRow(
         domain,
         info.state.value,
-        status="stale" if decision.stale else "managed",
+        status=_status(decision),
         metric=policy.params.metric.value,
         floor_kib=policy.params.floor(info.maximum_kib),
         actual_kib=stats.actual,
@@ -204,3 +204,11 @@ def render_table(
             f"warning at {format_size(settings.host_warn)} ({host.source})"
         )
     return "\n".join(text)
+
+
+def _status(decision: Decision) -> str:
+    # A domain without statistics is not managed in any useful sense: its
+    # balloon is never moved until the guest reports them.
+    if decision.missing:
+        return "no_stats"
+    return "stale" if decision.stale else "managed"

@@ -111,6 +111,34 @@ def test_plan_table_shows_domain_and_reason() -> None:
     assert "free_above_buffer" in row
 
 
+NO_STATS_NODE = """<node>
+  <cpu><nodes>1</nodes><sockets>1</sockets><cores>1</cores><threads>1</threads>
+    <mhz>2000</mhz><model>i686</model><active>1</active></cpu>
+  <memory>8388608</memory>
+  <domain type='test'>
+    <name>quiet</name>
+    <memory unit='MiB'>768</memory>
+    <vcpu>1</vcpu>
+    <os><type>hvm</type></os>
+  </domain>
+</node>
+"""
+
+
+def test_plan_marks_a_domain_without_statistics(tmp_path: Path) -> None:
+    # A test-driver domain defined in a file reports no balloon statistics,
+    # like a guest whose balloon driver is not loaded.
+    node = tmp_path / "node.xml"
+    node.write_text(NO_STATS_NODE)
+
+    result = run("plan", "--uri", f"test://{node}")
+
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.splitlines()[1].split()
+    assert row[:3] == ["quiet", "running", "no_stats"]
+    assert "keep" in row
+
+
 def test_plan_json_gives_exact_kib() -> None:
     result = run("plan", "--uri", "test:///default", "--json", "--min-unused", "1 GiB")
 

@@ -1,5 +1,6 @@
 from balloonctl.config import Settings
 from balloonctl.domain import DomainMemory, DomainWorker, HostView, next_tick
+from balloonctl.domain_policy import DomainPolicy, global_params
 from balloonctl.errors import HypervisorError
 from balloonctl.policy import History, Request, is_foreign_change
 from balloonctl.units import MIB
@@ -24,6 +25,27 @@ def test_backoff_stays_capped_after_many_failures() -> None:
     delay = worker._record_failure(HypervisorError("still failing"), 5.0)
 
     assert delay == 60.0
+
+
+def test_domain_without_statistics_is_not_reported_managed() -> None:
+    fake = FakeHypervisor()
+    domain = fake.add("alpha")
+    memory = DomainMemory(missing=("actual", "unused"))
+    worker = DomainWorker(
+        fake,
+        domain.ref,
+        Settings(),
+        memory,
+        host=HostView(),
+        on_gone=lambda ref, why: None,
+        on_disconnected=lambda why: None,
+    )
+    worker._policy = DomainPolicy("managed", global_params(Settings()))
+
+    status, reason = worker.status(0.0)
+
+    assert status == "no_stats"
+    assert "actual, unused" in reason
 
 
 def test_move_toward_pending_target_is_ours() -> None:
