@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import libvirt
 import libvirtaio
+import structlog
 
 from balloonctl.batching import BatchingExecutor, Call
 from balloonctl.errors import (
@@ -147,14 +148,16 @@ def register_event_loop() -> None:
 
 
 def silence_libvirt_stderr() -> None:
-    """Send libvirt's error reports to logging instead of stderr.
+    """Stop libvirt from printing its error reports to stderr.
 
     By default libvirt prints every error to stderr, even those this module
-    catches and handles. Errors still reach callers as exceptions.
+    catches and handles. Each error still reaches its caller as an
+    exception, which logs it with the host and domain it concerns; the
+    report here knows neither, so it is dropped rather than logged twice.
     """
 
-    def handler(_context: object, error: tuple[Any, ...]) -> None:
-        _log.debug("libvirt error: %s", error[2] if len(error) > 2 else error)
+    def handler(_context: object, _error: tuple[Any, ...]) -> None:
+        return None
 
     libvirt.registerErrorHandler(handler, None)
 
@@ -375,7 +378,9 @@ class LibvirtHypervisor:
         try:
             await self._call(what, func, limit_s=min(self._call_timeout, 1.0))
         except HypervisorError as exc:
-            _log.debug("%s during close: %s", what, exc)
+            structlog.stdlib.get_logger("balloonctl").debug(
+                "close_call_failed", uri=self._uri, call=what, error=str(exc)
+            )
 
     def shutdown_threads(self) -> None:
         """Stop accepting calls; threads stuck in libvirt are not waited for."""
