@@ -178,7 +178,8 @@ def _add_policy_options(parser: argparse.ArgumentParser, defaults: Settings) -> 
             flag,
             metavar="PATTERN",
             action="append",
-            help=f"{text}; shell-style, may be repeated (default: none)",
+            help=f"{text}; shell-style, may be repeated (default: no pattern, "
+            "so every domain is a candidate)",
         )
 
 
@@ -225,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     plan = commands.add_parser(
-        "plan", help="show what the controller would do now, changing nothing"
+        "plan",
+        help="show what the controller would do now, changing nothing",
+        description="Read every running domain once over a read-only "
+        "connection and print its status and the decision the controller "
+        "would make now. Nothing is changed.",
     )
     _add_threshold_options(plan)
     plan.add_argument(
@@ -236,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config",
         help="validate a config file and exit 0, or 2 with the error run would give",
+        description="Validate a TOML config file as `run --config FILE` "
+        "would read it. Exits 0 when it is valid, or 2 with the error.",
     )
     check.add_argument("file", type=Path, metavar="FILE", help="TOML config file")
     simulator_cli.add_parser(commands)

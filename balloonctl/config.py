@@ -329,7 +329,7 @@ def _read_text(path: Path) -> str:
     except OSError as exc:
         raise ConfigError(
             f"cannot read config file {str(path)!r}: {exc.strerror}; "
-            "pass the path of a readable TOML file with --config"
+            "pass the path of a readable TOML file"
         ) from exc
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(
