@@ -324,13 +324,28 @@ def flag_name(key: str) -> str:
 def _read_text(path: Path) -> str:
     """Read at most ``MAX_CONFIG_BYTES`` of UTF-8 text, or raise ConfigError."""
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_CONFIG_BYTES + 1)
+        # O_NONBLOCK keeps a FIFO at the path from blocking the open, which
+        # would otherwise hang start-up or a reload until someone writes.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(
             f"cannot read config file {str(path)!r}: {exc.strerror}; "
             "pass the path of a readable TOML file"
         ) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(
+            f"config file {str(path)!r} is not a regular file; "
+            "pass the path of a readable TOML file"
+        )
+    with os.fdopen(fd, "rb") as file:
+        try:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read config file {str(path)!r}: {exc.strerror}; "
+                "pass the path of a readable TOML file"
+            ) from exc
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(
             f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes; "

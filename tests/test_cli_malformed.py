@@ -97,7 +97,7 @@ def test_endless_file_exits_2(command: str) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "'/dev/zero'" in result.stderr
-    assert "larger than" in result.stderr
+    assert "not a regular file" in result.stderr
 
 
 @pytest.mark.parametrize("command", ["run", "plan"])
@@ -107,7 +107,7 @@ def test_directory_config_exits_2(tmp_path: Path, command: str) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert str(tmp_path) in result.stderr
-    assert "Is a directory" in result.stderr
+    assert "not a regular file" in result.stderr
 
 
 def test_unreadable_config_exits_2(tmp_path: Path) -> None:

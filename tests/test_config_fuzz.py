@@ -81,8 +81,19 @@ def test_directory_is_reported(tmp_path: Path) -> None:
         load_file(tmp_path)
 
     assert str(tmp_path) in str(info.value)
-    assert "Is a directory" in str(info.value)
-    assert "--config" in str(info.value)
+    assert "not a regular file" in str(info.value)
+
+
+def test_fifo_is_rejected_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "balloonctl.toml"
+    os.mkfifo(fifo)
+
+    # Opening a FIFO for reading blocks until a writer appears; the old
+    # code hung here.
+    with pytest.raises(ConfigError) as info:
+        load_file(fifo)
+
+    assert "not a regular file" in str(info.value)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever the mode")
