@@ -285,7 +285,7 @@ def test_stopped_qemu_reported_once(stopped_qemu_run: StoppedQemuRun) -> None:
     assert run.proc.returncode == 0
 
 
-# NOTE: in 10 of 11 runs on the machine described in docs/reliability.md,
+# NOTE: in 13 of 14 runs on the machine described in docs/reliability.md,
 # fault-a had a sample one period late or a call timing out while fault-b's
 # QEMU was stopped. Calls on fault-a through a second connection never took
 # more than 0.2 s meanwhile. So the delay is on the controller's own
