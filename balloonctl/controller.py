@@ -151,7 +151,10 @@ class Controller:
         connection are retried for as long as it takes.
         """
         try:
-            await self._connect_and_reconcile()
+            if not await self._connect_unless_stopped(stop):
+                self.settled.set()
+                self._log.info("controller_stopped", domains=0)
+                return
         except HypervisorError as exc:
             await self._hv.close()
             if not retry_first:
@@ -186,6 +189,32 @@ class Controller:
         await self._hv.connect(self._enqueue)
         await self._read_host_once()
         await self._reconcile()
+
+    async def _connect_unless_stopped(self, stop: asyncio.Event) -> bool:
+        """Connect and reconcile; return False if ``stop`` is set first.
+
+        A connection attempt to a host that accepts and never answers lasts
+        up to ``call_timeout`` (up to 600 s); SIGTERM must not wait for it.
+        The thread stuck in libvirt is abandoned, and the process exits
+        without waiting for it. Raises HypervisorError if the attempt fails.
+        """
+        attempt = asyncio.ensure_future(self._connect_and_reconcile())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            attempt.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if attempt.done():
+            attempt.result()
+            return True
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError, HypervisorError):
+            await attempt
+        await self._hv.close()
+        return False
 
     def _log_started(self) -> None:
         settings = self._settings
@@ -415,7 +444,8 @@ class Controller:
         while not stop.is_set():
             attempts += 1
             try:
-                await self._connect_and_reconcile()
+                if not await self._connect_unless_stopped(stop):
+                    return None
             except HypervisorError as exc:
                 self._log.debug(
                     "libvirt_reconnect_failed", error=str(exc), attempt=attempts

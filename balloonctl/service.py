@@ -163,8 +163,14 @@ class Supervisor:
         try:
             await self._wait_settled(tasks)
             if not any(controller.connected for controller in self.controllers):
+                stopped_first = self.stop.is_set()
                 self.stop.set()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                if stopped_first and not any(
+                    isinstance(result, BaseException) for result in results
+                ):
+                    # SIGTERM arrived while every host was still connecting.
+                    return
                 failed = [task.exception() for task in tasks if not task.cancelled()]
                 first = next((exc for exc in failed if exc is not None), None)
                 if isinstance(first, ConnectFailed):

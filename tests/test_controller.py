@@ -83,7 +83,11 @@ async def test_failing_domain_does_not_disturb_others(
     assert failures[0]["level"] == "warning"
     assert failures[0]["error_code"] == 1
     assert all(line["level"] == "debug" for line in failures[1:])
-    assert [line["retry_in_s"] for line in failures] == [1.0, 2.0][: len(failures)]
+    # How many failures fit into beta's three releases depends on the
+    # machine's load; each retry waits twice as long as the one before.
+    assert [line["retry_in_s"] for line in failures] == [
+        2.0**n for n in range(len(failures))
+    ]
     assert len(beta.targets) >= 3
 
 

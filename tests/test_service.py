@@ -4,8 +4,10 @@ hosts in one process, and plan over several hosts."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from tests.childproc import ChildProcess, host_file
@@ -199,3 +201,68 @@ def test_unwritable_state_dir_exits_1(tmp_path: Path) -> None:
     assert "cannot create lock file" in process.stderr
     assert "--state-dir" in process.stderr
     assert process.events("controller_started") == []
+
+
+class SilentListener:
+    """A loopback TCP server that accepts connections and never answers.
+
+    libvirt's remote client waits for the server's reply to its first
+    message, so a connection to this server hangs until call_timeout.
+    """
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.accepted = threading.Event()
+        self._clients: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            self._clients.append(client)
+            self.accepted.set()
+
+    def close(self) -> None:
+        self._server.close()
+        for client in self._clients:
+            client.close()
+
+
+def test_sigterm_during_a_hanging_connect_exits_0(tmp_path: Path) -> None:
+    listener = SilentListener()
+    uri = f"qemu+tcp://127.0.0.1:{listener.port}/system"
+    try:
+        with child(tmp_path, "--uri", uri, "--call-timeout", "60") as running:
+            assert listener.accepted.wait(20), "balloonctl never connected"
+            # Well under call_timeout: the old code waited all 60 s for the
+            # connection attempt and then exited 1.
+            code = running.stop(timeout=15)
+    finally:
+        listener.close()
+
+    assert code == 0, running.stderr
+    assert "Traceback" not in running.stderr
+    assert running.events("controller_stopped")
+
+
+def test_sigterm_while_one_host_hangs_exits_0(tmp_path: Path) -> None:
+    listener = SilentListener()
+    hanging = f"qemu+tcp://127.0.0.1:{listener.port}/system"
+    working = host_file(tmp_path / "a.xml", "alpha")
+    try:
+        with child(
+            tmp_path, "--uri", working, "--uri", hanging, "--call-timeout", "60"
+        ) as running:
+            running.wait_event("controller_started", timeout=20)
+            assert listener.accepted.wait(20), "balloonctl never connected"
+            code = running.stop(timeout=15)
+    finally:
+        listener.close()
+
+    assert code == 0, running.stderr
+    assert "Traceback" not in running.stderr
