@@ -515,6 +515,32 @@ def build_settings(
 
 def _check_consistency(settings: Settings) -> None:
     check_limits(settings.min_unused, settings.max_release, settings.min_release)
+    _check_grant_slack(settings.grant_slack, settings.min_unused, "")
+    # A section's values combine with the global ones, so a section can be
+    # wrong only together with them: check each combination now rather than
+    # when the domain first appears.
+    for name, section in settings.domains.items():
+        min_unused = section.get("min_unused", settings.min_unused)
+        where = f"[domains.{name!r}]: "
+        try:
+            check_limits(
+                min_unused,
+                section.get("max_release", settings.max_release),
+                section.get("min_release", settings.min_release),
+            )
+        except ConfigError as exc:
+            raise ConfigError(where + str(exc), key=exc.key, value=exc.value) from exc
+        _check_grant_slack(settings.grant_slack, min_unused, where)
+
+
+def _check_grant_slack(grant_slack: int, min_unused: int, where: str) -> None:
+    if grant_slack >= min_unused:
+        raise ConfigError(
+            f"{where}grant_slack ({grant_slack} KiB) must be less than "
+            f"min_unused ({min_unused} KiB), or no guest short of memory is "
+            "ever granted any; lower grant_slack",
+            key="grant_slack",
+        )
 
 
 def check_limits(min_unused: int, max_release: int, min_release: int) -> None:

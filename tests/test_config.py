@@ -144,6 +144,20 @@ def test_domain_sections_and_patterns_are_parsed(tmp_path: Path) -> None:
         ("floor_percent = 95\n", ["'floor_percent'", "0 to 90"]),
         ('metric = "free"\n', ["'metric'", "unused, usable"]),
         ("stuck_periods = 0\n", ["'stuck_periods'", "1 to 1000"]),
+        # A section is checked together with the global values it keeps.
+        (
+            '[domains."db"]\nmin_release = "60 MiB"\n',
+            ["'db'", "min_release (61440 KiB)", "max_release (51200 KiB)"],
+        ),
+        ('[domains."db"]\nmin_unused = "0 KiB"\n', ["'db'", "min_unused"]),
+        (
+            'grant_slack = "200 MiB"\n',
+            ["grant_slack (204800 KiB)", "min_unused (102400 KiB)"],
+        ),
+        (
+            '[domains."db"]\nmin_unused = "2 MiB"\n',
+            ["'db'", "grant_slack (4096 KiB)", "min_unused (2048 KiB)"],
+        ),
     ],
 )
 def test_policy_key_errors_name_key_and_value(
