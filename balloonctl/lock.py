@@ -9,6 +9,7 @@ name it.
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from balloonctl.state import uri_digest
@@ -60,14 +61,24 @@ def acquire(state_dir: str, uri: str) -> HostLock:
     directory or the file cannot be created.
     """
     path = lock_path(state_dir, uri)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise LockFailed(
+            f"state directory {str(path.parent)!r} is not a directory; "
+            "set --state-dir to a writable directory"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a symbolic link planted at the lock's path must not
+        # make balloonctl truncate the file it points to.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         raise LockFailed(
             f"cannot create lock file {str(path)!r}: {exc.strerror}; "
             "set --state-dir to a writable directory"
         ) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LockFailed(f"lock file {str(path)!r} is not a regular file; remove it")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
