@@ -53,6 +53,37 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
             self.dropped += 1
 
 
+class _OutputHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that stops writing once its output is gone.
+
+    When the log reader goes away (``run | head``, a restarted journald),
+    every write fails. The standard handler prints a traceback to stderr
+    for each line; this one says so once on stderr and drops the rest, and
+    balloonctl goes on managing memory.
+    """
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        if not self.broken:
+            self.broken = True
+            with contextlib.suppress(OSError, ValueError):
+                print(
+                    f"balloonctl: cannot write log lines ({error}); "
+                    "dropping them from now on",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+
 class _Writer(logging.handlers.QueueListener):
     """A queue listener whose stop gives up after a few seconds.
 
@@ -119,7 +150,7 @@ def configure_logging(
         ],
     )
     stop_log_writer()
-    handler: logging.Handler = logging.StreamHandler(output)
+    handler: logging.Handler = _OutputHandler(output)
     handler.setFormatter(formatter)
     if threaded:
         writer = handler

@@ -1,7 +1,11 @@
 import io
 import json
 import logging
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import structlog
@@ -144,3 +148,45 @@ def test_dropped_lines_are_counted_on_stderr(
     written = len(stream.getvalue().splitlines())
     assert written < 50
     assert f"{50 - written} log lines were dropped" in capsys.readouterr().err
+
+
+def test_closed_stdout_is_reported_once(tmp_path: Path) -> None:
+    # `balloonctl run | head -1`: the reader exits after the first line.
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "balloonctl",
+            "run",
+            "--uri",
+            "test:///default",
+            "--stats-period",
+            "1",
+            "--log-format",
+            "json",
+            "--state-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        first = process.stdout.readline()
+        process.stdout.close()
+        # The test driver's domain is released once a second, so several
+        # lines are written into the closed pipe meanwhile.
+        time.sleep(4)
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = process.stderr.read()
+
+    assert json.loads(first)["event"]
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert stderr.count("cannot write log lines") == 1
