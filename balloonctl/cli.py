@@ -270,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return simulator_cli.run(args)
     if args.command == "check-config":
         return _check_config(args.file)
+    if args.command == "run":
+        _keep_early_signals()
     flags = setting_flags(args)
     try:
         settings = load_settings(args.config, flags)
@@ -346,16 +348,25 @@ def _record_early_signal(signum: int, _frame: object) -> None:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def _keep_early_signals() -> None:
+    """Keep SIGTERM and SIGINT that arrive before the event loop runs.
+
+    Called as soon as the command line says ``run``, before the settings
+    are read: a stop signal in that window ends the run with exit 0 once
+    the loop starts, instead of killing the process. SIGHUP would end the
+    process by default, so until the loop handles it (a reload) it is
+    ignored. Signals during the imports, before ``main`` runs, still get
+    Python's default handling.
+    """
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _record_early_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def _run(supervisor: Supervisor, exporter: MetricsExporter) -> int:
     # `kill -USR1 PID` writes every thread's stack to stderr, which shows
     # where a process that stopped logging is waiting.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    # A signal that arrives before the event loop runs is kept, not lost.
-    # SIGHUP would end the process by default, so until the loop handles it
-    # (a reload) it is ignored.
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, _record_early_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log = structlog.stdlib.get_logger("balloonctl")
     try:
         supervisor.take_locks()

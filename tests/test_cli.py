@@ -238,3 +238,53 @@ def test_plan_into_closed_pipe_exits_0() -> None:
 
     assert plan.returncode == 0
     assert b"Traceback" not in stderr
+
+
+def _catches_sigterm(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def test_sigterm_while_reading_settings_exits_0(tmp_path: Path) -> None:
+    # A config file with many sections takes a moment to read; the stop
+    # signal is sent as soon as the process catches SIGTERM, which is
+    # before the settings are read.
+    config = tmp_path / "balloonctl.toml"
+    config.write_text(
+        "".join(f'[domains."d{n}"]\nmin_unused = "200 MiB"\n' for n in range(20000))
+    )
+    process = subprocess.Popen(
+        [
+            *BALLOONCTL,
+            "run",
+            "--uri",
+            "test:///default",
+            "--config",
+            str(config),
+            "--log-format",
+            "json",
+            "--state-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not _catches_sigterm(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    events = [json.loads(line)["event"] for line in stdout.splitlines()]
+    assert "controller_stopped" in events
