@@ -168,8 +168,6 @@ class Controller:
             if await self._connect_with_backoff(stop, failed_once=True) is None:
                 self._log.info("controller_stopped", domains=0)
                 return
-        self._connected = True
-        self._metrics.connection(True)
 
         try:
             self._start_host_watch()
@@ -189,6 +187,10 @@ class Controller:
         await self._hv.connect(self._enqueue)
         await self._read_host_once()
         await self._reconcile()
+        # Marked here, in the same step as the reconciliation, so the domain
+        # tasks it started never run while the host still looks down.
+        self._connected = True
+        self._metrics.connection(True)
 
     async def _connect_unless_stopped(self, stop: asyncio.Event) -> bool:
         """Connect and reconcile; return False if ``stop`` is set first.
@@ -419,8 +421,6 @@ class Controller:
         attempts = await self._connect_with_backoff(stop)
         if attempts is None:
             return
-        self._connected = True
-        self._metrics.connection(True)
         self._start_host_watch()
         self._log.info(
             "libvirt_reconnected", attempts=attempts, domains=len(self._entries)

@@ -198,7 +198,7 @@ def test_unwritable_state_dir_exits_1(tmp_path: Path) -> None:
     code = process.wait_exit(20)
 
     assert code == 1
-    assert "cannot create lock file" in process.stderr
+    assert f"{str(not_a_directory)!r} is not a directory" in process.stderr
     assert "--state-dir" in process.stderr
     assert process.events("controller_started") == []
 
