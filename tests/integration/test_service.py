@@ -252,3 +252,27 @@ async def test_sighup_during_reload_reruns_it(tmp_path: Path, logs: LogCapture) 
         hypervisor.shutdown_threads()
 
     assert calls == 2
+
+
+@pytest.mark.asyncio
+async def test_dry_run_connection_refuses_writes(tmp_path: Path) -> None:
+    # libvirt itself refuses every change on a read-only connection, so a
+    # dry run cannot move a balloon even through a bug in balloonctl.
+    settings = settings_for(tmp_path, TEST_URI, dry_run=True)
+    hypervisor = Supervisor(settings).hypervisors[0]
+    await hypervisor.connect(None)
+    try:
+        domain = (await hypervisor.list_active_domains())[0]
+        before = (await hypervisor.memory_stats(domain)).actual
+        assert before is not None
+
+        with pytest.raises(HypervisorError) as info:
+            await hypervisor.set_target(domain, before - 50 * 1024)
+
+        after = (await hypervisor.memory_stats(domain)).actual
+    finally:
+        await hypervisor.close()
+        hypervisor.shutdown_threads()
+
+    assert "read only" in str(info.value).lower() or "read-only" in str(info.value)
+    assert after == before
