@@ -99,6 +99,26 @@ class HostView:
             self.available_kib -= kib
 
 
+def without_pause(history: History, paused_for: float) -> History:
+    """Move a pending request's clocks forward by the time the guest was paused.
+
+    A paused guest cannot move its balloon, so that time must not count
+    toward calling the balloon stuck.
+    """
+    request = history.request
+    if request is None:
+        return history
+    return dataclasses.replace(
+        history,
+        request=dataclasses.replace(
+            request, requested_at=request.requested_at + paused_for
+        ),
+        progress_at=(
+            None if history.progress_at is None else history.progress_at + paused_for
+        ),
+    )
+
+
 class DomainWorker:
     """Manage one domain's balloon until cancelled or the domain goes away."""
 
@@ -138,6 +158,10 @@ class DomainWorker:
         # Set when the domain could not be observed for a while (paused, or
         # its calls failing), so the next sample starts the stale clock anew.
         self._restart_stale_clock = False
+        # When the domain was paused, and the paused time not yet taken off
+        # a pending request's clocks.
+        self._paused_at: float | None = None
+        self._paused_for = 0.0
         self._log = structlog.stdlib.get_logger("balloonctl").bind(
             uri=hypervisor.uri, domain=domain.name, uuid=domain.uuid
         )
@@ -170,6 +194,7 @@ class DomainWorker:
         """Stop sampling until ``resume``; called for a suspended domain."""
         if self._resumed.is_set():
             self._log.info("domain_paused")
+            self._paused_at = self._clock()
         self._resumed.clear()
         self._report_status()
 
@@ -186,6 +211,9 @@ class DomainWorker:
             self._log.info("domain_resumed")
             # A paused guest cannot report; its silence is not staleness.
             self._restart_stale_clock = True
+            if self._paused_at is not None:
+                self._paused_for += self._clock() - self._paused_at
+                self._paused_at = None
         self._resumed.set()
 
     def reload_policy(self, *, redefined: bool = False) -> None:
@@ -342,6 +370,9 @@ class DomainWorker:
                 self._memory.history, report_seen_at=None
             )
             self._restart_stale_clock = False
+        if self._paused_for:
+            self._memory.history = without_pause(self._memory.history, self._paused_for)
+            self._paused_for = 0.0
         if sample.actual is not None and is_foreign_change(
             self._memory.history, sample.actual
         ):

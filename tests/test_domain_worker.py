@@ -1,8 +1,21 @@
 from balloonctl.config import Settings
-from balloonctl.domain import DomainMemory, DomainWorker, HostView, next_tick
+from balloonctl.domain import (
+    DomainMemory,
+    DomainWorker,
+    HostView,
+    next_tick,
+    without_pause,
+)
 from balloonctl.domain_policy import DomainPolicy, global_params
 from balloonctl.errors import HypervisorError
-from balloonctl.policy import History, Request, is_foreign_change
+from balloonctl.policy import (
+    Action,
+    History,
+    Request,
+    Sample,
+    decide,
+    is_foreign_change,
+)
 from balloonctl.units import MIB
 from tests.fakes import FakeHypervisor
 
@@ -98,3 +111,29 @@ def test_next_tick_keeps_cadence_after_late_step() -> None:
 def test_next_tick_resyncs_after_long_wait() -> None:
     assert next_tick(15.2, 1.0, previous=10.0) == 16.0
     assert next_tick(15.8, 1.0, previous=10.0) == 17.0
+
+
+def test_paused_time_does_not_make_a_balloon_stuck() -> None:
+    # A release of 50 MiB was requested at t=100, then the guest was paused
+    # for 8 s; at t=110 the balloon has not moved yet. With a 2 s period
+    # and 3 stuck periods, 10 s without progress would be a stuck balloon.
+    params = global_params(Settings(stats_period=2))
+    history = History(
+        request=Request(450 * MIB, 100.0, 1000),
+        last_actual=500 * MIB,
+        report_time=1000,
+        report_seen_at=100.0,
+    )
+    after_resume = Sample(
+        actual=500 * MIB,
+        unused=400 * MIB,
+        maximum=512 * MIB,
+        last_update=1010,
+        taken_at=110.0,
+    )
+
+    counted, _ = decide(after_resume, history, params)
+    discounted, _ = decide(after_resume, without_pause(history, 8.0), params)
+
+    assert counted.action is Action.RESET
+    assert discounted.action is not Action.RESET
