@@ -321,6 +321,13 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def _unreadable(path: Path, error: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot read config file {str(path)!r}: {error.strerror}; "
+        "pass the path of a readable TOML file"
+    )
+
+
 def _read_text(path: Path) -> str:
     """Read at most ``MAX_CONFIG_BYTES`` of UTF-8 text, or raise ConfigError."""
     try:
@@ -328,10 +335,7 @@ def _read_text(path: Path) -> str:
         # would otherwise hang start-up or a reload until someone writes.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(
-            f"cannot read config file {str(path)!r}: {exc.strerror}; "
-            "pass the path of a readable TOML file"
-        ) from exc
+        raise _unreadable(path, exc) from exc
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ConfigError(
@@ -342,10 +346,7 @@ def _read_text(path: Path) -> str:
         try:
             data = file.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
-            raise ConfigError(
-                f"cannot read config file {str(path)!r}: {exc.strerror}; "
-                "pass the path of a readable TOML file"
-            ) from exc
+            raise _unreadable(path, exc) from exc
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(
             f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes; "
