@@ -351,7 +351,7 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def _keep_early_signals() -> None:
     """Keep SIGTERM and SIGINT that arrive before the event loop runs.
 
-    Called as soon as the command line says ``run``, before the settings
+    Called as soon as the parsed command is ``run``, before the settings
     are read: a stop signal in that window ends the run with exit 0 once
     the loop starts, instead of killing the process. SIGHUP would end the
     process by default, so until the loop handles it (a reload) it is

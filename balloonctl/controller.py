@@ -195,7 +195,7 @@ class Controller:
     async def _connect_unless_stopped(self, stop: asyncio.Event) -> bool:
         """Connect and reconcile; return False if ``stop`` is set first.
 
-        A connection attempt to a host that accepts and never answers lasts
+        A connection attempt to a host that accepts and never replies lasts
         up to ``call_timeout`` (up to 600 s); SIGTERM must not wait for it.
         The thread stuck in libvirt is abandoned, and the process exits
         without waiting for it. Raises HypervisorError if the attempt fails.

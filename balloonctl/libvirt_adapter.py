@@ -153,7 +153,7 @@ def silence_libvirt_stderr() -> None:
     By default libvirt prints every error to stderr, even those this module
     catches and handles. Each error still reaches its caller as an
     exception, which logs it with the host and domain it concerns; the
-    report here knows neither, so it is dropped rather than logged twice.
+    report here carries neither, so it is dropped rather than logged twice.
     """
 
     def handler(_context: object, _error: tuple[Any, ...]) -> None:

@@ -58,7 +58,7 @@ class _OutputHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     When the log reader goes away (``run | head``, a restarted journald),
     every write fails. The standard handler prints a traceback to stderr
-    for each line; this one says so once on stderr and drops the rest, and
+    for each line; this one reports it once on stderr and drops the rest, and
     balloonctl goes on managing memory.
     """
 
